@@ -1,0 +1,34 @@
+# `make test` is the one command that installs everything on a fresh machine and runs the suite.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch lies on this kind of machine's disk; GPU machines override:
+#   make install TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast bench-layers clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip<26.2" setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	# DeepSpeed ships only as source; build it against the torch installed above rather than
+	# letting pip fetch another torch into an isolated build environment.
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench-layers: $(STAMP)
+	$(PY) jobs/bench_layers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,211 @@
+"""Adapter banks of one model: a name → slot table over every adapted layer's stacked tensors.
+
+Loading an adapter is a copy of its (scaled) tensors into one slot of each adapted layer;
+layers the adapter does not target get the identity in that slot. Slot 0 is the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flora import ops
+from flora.adapter import Adapter, AdapterConfig, shape_fingerprint
+from flora.layers import AdaptedLinear
+from flora.routing import RouteState
+
+BASE_SLOT = 0
+BASE_NAME = "base"
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    name: str
+    kind: str
+    rank: int
+    adapter_config: AdapterConfig | None
+
+
+class AdapterBanks:
+    """All adapted layers of one model (path → `AdaptedLinear`) and which adapter is in which slot."""
+
+    def __init__(self, layers: dict[str, AdaptedLinear], routing: RouteState, base_model: str = ""):
+        first = next(iter(layers.values()))
+        self.layers = layers
+        self.routing = routing
+        self.base_model = base_model
+        self.max_slots, self.max_rank, _ = first.b.shape
+        self.max_lora_rank = first.lora_a.shape[1]
+        self._slots: list[SlotInfo | None] = [None] * self.max_slots
+        self._slots[BASE_SLOT] = SlotInfo(BASE_NAME, "base", 0, None)
+
+    # ------------------------------------------------------------------ the table
+
+    @property
+    def module_shapes(self) -> dict[str, list[int]]:
+        return {p: [layer.adapted_features, layer.in_features] for p, layer in self.layers.items()}
+
+    @property
+    def fingerprint(self) -> str:
+        return shape_fingerprint(self.module_shapes)
+
+    @property
+    def names(self) -> list[str]:
+        """Loaded adapter names (the base model excluded)."""
+        return [info.name for info in self._slots[1:] if info is not None]
+
+    def info(self, slot: int) -> SlotInfo | None:
+        return self._slots[slot]
+
+    def slot_of(self, name: str | None) -> int:
+        if name is None or name == BASE_NAME:
+            return BASE_SLOT
+        for slot, info in enumerate(self._slots):
+            if info is not None and info.name == name:
+                return slot
+        raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
+
+    def free_slots(self) -> list[int]:
+        return [s for s, info in enumerate(self._slots) if info is None]
+
+    def slots_tensor(self, slots) -> torch.Tensor:
+        """Slots as a long tensor on the model's device, from a tensor, ints, or adapter names."""
+        if isinstance(slots, torch.Tensor):
+            t = slots.long()
+        else:
+            t = torch.tensor([s if isinstance(s, int) else self.slot_of(s) for s in slots], dtype=torch.long)
+        return t.to(next(iter(self.layers.values())).b.device)
+
+    def check_slots(self, active: list[int]) -> None:
+        for slot in active:
+            if not 0 <= slot < self.max_slots:
+                raise ValueError(
+                    f"slot {slot} is out of range: the banks have {self.max_slots} slots (0 is the base model)"
+                )
+            if self._slots[slot] is None:
+                raise ValueError(f"slot {slot} holds no adapter; loaded: {self.names}")
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, name: str, adapter: Adapter, slot: int | None = None) -> int:
+        """Copy `adapter` into a slot (its current one if `name` is loaded, else a free one)."""
+        if name == BASE_NAME:
+            raise ValueError(f"{BASE_NAME!r} names the base model; choose another adapter name")
+        self._check_fits(name, adapter.config)
+        if slot is None:
+            slot = self._slot_for(name)
+        elif not 0 < slot < self.max_slots:
+            raise ValueError(f"slot {slot} is out of range 1..{self.max_slots - 1} (0 is the base model)")
+        self._slots[slot] = None
+        for path, layer in self.layers.items():
+            if path in adapter.config.module_shapes:
+                _copy_into(layer, slot, adapter, path)
+            else:
+                layer.clear_slot(slot)
+        rank = adapter.config.rank
+        self._slots[slot] = SlotInfo(name, adapter.config.kind, rank, adapter.config)
+        return slot
+
+    def unload(self, name: str) -> int:
+        slot = self.slot_of(name)
+        if slot == BASE_SLOT:
+            raise ValueError("the base model cannot be unloaded")
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        self._slots[slot] = None
+        return slot
+
+    def _slot_for(self, name: str) -> int:
+        try:
+            return self.slot_of(name)
+        except KeyError:
+            free = self.free_slots()
+            if not free:
+                raise RuntimeError(
+                    f"all {self.max_slots - 1} adapter slots are in use ({self.names}): unload one, "
+                    "or inject with a larger max_slots"
+                ) from None
+            return free[0]
+
+    def _check_fits(self, name: str, config: AdapterConfig) -> None:
+        limit, what = (self.max_lora_rank, "max_lora_rank") if config.kind == "lora" else (self.max_rank, "max_rank")
+        if config.rank > limit:
+            raise ValueError(f"adapter {name!r} has rank {config.rank} > bank {what} {limit}; inject with {what}>={config.rank}")
+        missing = sorted(set(config.module_shapes) - set(self.layers))
+        if missing:
+            raise ValueError(
+                f"adapter {name!r} targets {missing[:3]}{'...' if len(missing) > 3 else ''}, which the model "
+                f"has no adapted layer for: inject() those modules (adapted: {sorted(self.layers)[:3]}...)"
+            )
+        for path, (dout, din) in config.module_shapes.items():
+            layer = self.layers[path]
+            have = [layer.adapted_features, layer.in_features]
+            if (dout != -1 and dout != have[0]) or (din != -1 and din != have[1]):
+                raise ValueError(
+                    f"adapter {name!r} was made for another base model (or other target columns): "
+                    f"{path} is {[dout, din]} in the adapter, {have} here "
+                    f"(adapter base_model={config.base_model!r}, fingerprint {config.fingerprint})"
+                )
+
+    # ------------------------------------------------------------------ reading back, training
+
+    def export(self, name: str) -> Adapter:
+        """The adapter in `name`'s slot as an `Adapter` (unscaled, paper orientation), e.g. after training."""
+        slot = self.slot_of(name)
+        info = self._slots[slot]
+        if info is None or info.adapter_config is None:
+            raise ValueError(f"{name!r} is the base model, not an adapter")
+        config = info.adapter_config
+        tensors = {}
+        with torch.no_grad():
+            for path in config.module_shapes:
+                layer, r = self.layers[path], config.rank
+                if config.kind == "flora":
+                    tensors[f"{path}.flora_A"] = (layer.a[slot, :r].float() / config.scale).cpu()
+                    tensors[f"{path}.flora_B"] = layer.b[slot, :r].T.float().cpu()
+                elif config.kind == "lora":
+                    tensors[f"{path}.lora_A"] = layer.lora_a[slot, :r].float().cpu()
+                    tensors[f"{path}.lora_B"] = (layer.lora_b[slot, :r].T.float() / config.scale).cpu()
+                else:
+                    ff = path in config.feedforward_modules
+                    tensors[f"{path}.ia3_l"] = (layer.b[slot, 0] if ff else layer.a[slot, 0]).float().cpu()
+        return Adapter(config, {k: v.contiguous() for k, v in tensors.items()})
+
+    def trainable_parameters(self, names: list[str]) -> list[torch.nn.Parameter]:
+        """Unfreeze the bank rows of `names` for training; every other slot's rows get zero gradient.
+
+        Returns the parameters to give the optimizer. The base model stays frozen.
+        """
+        slots = [self.slot_of(n) for n in names]
+        params = []
+        for layer in self.layers.values():
+            for attr, ranks in (("a", layer.mul_rank), ("b", layer.mul_rank), ("lora_a", layer.lora_rank), ("lora_b", layer.lora_rank)):
+                p = getattr(layer, attr)
+                mask = torch.zeros(p.shape[0], p.shape[1], 1, dtype=p.dtype, device=p.device)
+                for s in slots:
+                    mask[s, : ranks[s]] = 1.0
+                if not mask.any():
+                    continue
+                p.requires_grad_(True)
+                p.register_hook(lambda grad, mask=mask: grad * mask)
+                params.append(p)
+        return params
+
+
+def _copy_into(layer: AdaptedLinear, slot: int, adapter: Adapter, path: str) -> None:
+    """Fold the adapter's scale in and copy its rows for this layer into `slot`."""
+    config = adapter.config
+    t = {k: v.to(device=layer.b.device, dtype=torch.float32) for k, v in adapter.module_tensors(path).items()}
+    cast = lambda x: x.to(layer.b.dtype)  # noqa: E731
+    if config.kind == "flora":
+        layer.set_multiplicative(slot, cast(t["flora_A"] * config.scale), cast(t["flora_B"].T), None)
+        layer.set_lora(slot, layer.lora_a.new_zeros(0, layer.in_features), layer.lora_b.new_zeros(0, layer.adapted_features))
+    elif config.kind == "ia3":
+        ff = path in config.feedforward_modules
+        a, b, gain = ops.ia3_bank_rows(t["ia3_l"], ff, 1, layer.adapted_features, layer.in_features)
+        layer.set_multiplicative(slot, cast(a), cast(b), None if ff else cast(gain))
+        layer.set_lora(slot, layer.lora_a.new_zeros(0, layer.in_features), layer.lora_b.new_zeros(0, layer.adapted_features))
+    else:
+        layer.clear_slot(slot)
+        layer.set_lora(slot, cast(t["lora_A"]), cast((t["lora_B"] * config.scale).T))

@@ -1,0 +1,140 @@
+"""The adapted linear layer: a frozen `nn.Linear` plus its rows of the adapter banks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flora import ops
+from flora.routing import RouteState
+
+LORA_IMPLS = ("grouped", "bmm")
+
+
+class AdaptedLinear(nn.Module):
+    """Wraps a frozen `nn.Linear`; computes every row/token with the adapter of its slot.
+
+    Bank tensors (see `flora.ops` for their layouts) are parameters of this module, frozen
+    until a trainer asks for them, so `model.to(...)` moves them with the model. Slot 0 is the
+    base model. `columns = (lo, hi)` restricts adaptation to output columns `lo:hi` (e.g. the
+    query and key part of StarCoder's fused `c_attn`); the other columns stay the base layer's.
+
+    Per slot the layer also keeps, in plain Python, the rank it needs on each path
+    (`mul_rank[s]`, 0 = identity; `lora_rank[s]`, 0 = none) so that a forward computes only
+    the rank components of the slots actually present, without reading the device.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        routing: RouteState,
+        max_slots: int,
+        max_rank: int,
+        max_lora_rank: int,
+        columns: tuple[int, int] | None = None,
+        lora_impl: str = "grouped",
+    ):
+        super().__init__()
+        if lora_impl not in LORA_IMPLS:
+            raise ValueError(f"lora_impl={lora_impl!r}: choose one of {LORA_IMPLS}")
+        self.base = base
+        self.routing = routing
+        self.columns = columns
+        self.lora_impl = lora_impl
+        lo, hi = columns if columns is not None else (0, base.out_features)
+        dout, din = hi - lo, base.in_features
+        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.b = frozen(torch.zeros(max_slots, max_rank, din, **kw))  # [S, R, Din]
+        self.a = frozen(torch.zeros(max_slots, max_rank, dout, **kw))  # [S, R, Dout]
+        self.gain = frozen(torch.ones(max_slots, dout, **kw))  # [S, Dout]
+        self.lora_a = frozen(torch.zeros(max_slots, max_lora_rank, din, **kw))  # [S, Rl, Din]
+        self.lora_b = frozen(torch.zeros(max_slots, max_lora_rank, dout, **kw))  # [S, Rl, Dout]
+        self.mul_rank = [0] * max_slots
+        self.lora_rank = [0] * max_slots
+        self.gain_used = [False] * max_slots
+        for slot in range(max_slots):
+            self.clear_slot(slot)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def adapted_features(self) -> int:
+        return self.a.shape[-1]
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Make `slot` the identity (base model) in this layer."""
+        self.b[slot].zero_()
+        self.a[slot].zero_()
+        self.b[slot, 0] = 1.0
+        self.a[slot, 0] = 1.0
+        self.gain[slot] = 1.0
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.mul_rank[slot] = self.lora_rank[slot] = 0
+        self.gain_used[slot] = False
+
+    @torch.no_grad()
+    def set_multiplicative(self, slot: int, a: torch.Tensor, b: torch.Tensor, gain: torch.Tensor | None):
+        """Copy multiplicative rows into `slot`: a [r, Dout], b [r, Din] (scale folded), gain [Dout]."""
+        r = a.shape[0]
+        self.a[slot, :r].copy_(a)
+        self.b[slot, :r].copy_(b)
+        self.a[slot, r:].zero_()
+        self.b[slot, r:].zero_()
+        if gain is None:
+            self.gain[slot].fill_(1.0)
+        else:
+            self.gain[slot].copy_(gain)
+        self.mul_rank[slot] = r
+        self.gain_used[slot] = gain is not None
+
+    @torch.no_grad()
+    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor):
+        """Copy LoRA rows into `slot`: lora_a [r, Din], lora_b [r, Dout] (scale folded)."""
+        r = lora_a.shape[0]
+        self.lora_a[slot, :r].copy_(lora_a)
+        self.lora_b[slot, :r].copy_(lora_b)
+        self.lora_a[slot, r:].zero_()
+        self.lora_b[slot, r:].zero_()
+        self.lora_rank[slot] = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.routing.current()
+        w0, bias = self.base.weight, self.base.bias
+        if self.columns is None:
+            return self._adapted(x, w0, bias, route)
+        lo, hi = self.columns
+        parts = [
+            F.linear(x, w0[:lo], None if bias is None else bias[:lo]),
+            self._adapted(x, w0[lo:hi], None if bias is None else bias[lo:hi], route),
+            F.linear(x, w0[hi:], None if bias is None else bias[hi:]),
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def _adapted(self, x, w0, bias, route) -> torch.Tensor:
+        active = route.active_slots
+        mul_rank = max(self.mul_rank[s] for s in active)
+        if mul_rank == 0:  # only base/LoRA rows: the plain base layer
+            y = F.linear(x, w0, bias)
+        else:
+            gain = self.gain if any(self.gain_used[s] for s in active) else None
+            y = ops.flora_linear(x, w0, bias, self.a, self.b, route.slots, rank=mul_rank, gain=gain)
+        lora_slots = {s for s in active if self.lora_rank[s] > 0}
+        if lora_slots:
+            r = max(self.lora_rank[s] for s in lora_slots)
+            lora_a, lora_b = self.lora_a[:, :r], self.lora_b[:, :r]
+            if self.lora_impl == "bmm":
+                delta = ops.lora_delta_bmm(x, lora_a, lora_b, route.slots)
+            else:
+                delta = ops.lora_delta_grouped(x, lora_a, lora_b, route.slots, route.groups(lora_slots))
+            y = y + delta
+        return y
+
+    def extra_repr(self) -> str:
+        s, r, _ = self.b.shape
+        return f"slots={s}, max_rank={r}, max_lora_rank={self.lora_a.shape[1]}, columns={self.columns}"

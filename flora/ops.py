@@ -1,0 +1,211 @@
+"""Batched adapter ops: every token carries a slot index into stacked adapter banks.
+
+Each op is a pure function with a reference implementation (`*_reference`: a plain loop over
+tokens with that token's merged weight; the spec) and a fast batched one tested against it.
+
+Shape glossary
+    B  batch rows            L  sequence length        T  tokens (B·L, or packed)
+    S  slots in a bank       R  rank (bank maximum)    Din / Dout  layer input / output width
+
+Layouts (scales already folded in; see `bank.py`):
+    w0:      [Dout, Din]   frozen base weight, as in `nn.Linear`
+    bias:    [Dout] or None
+    b:       [S, R, Din]   multiplicative input factors  (FLoRA `B` transposed; IA3 input `l`)
+    a:       [S, R, Dout]  multiplicative output factors (FLoRA `A`·scale; IA3 output `l`)
+    gain:    [S, Dout] or None  per-slot bias multiplier (PEFT's IA3 scales the bias too)
+    lora_a:  [S, R, Din]   LoRA down projection `A`
+    lora_b:  [S, R, Dout]  LoRA up projection `B` transposed, times `alpha/r`
+
+Slots are given per row or per token: for `x: [B, L, Din]`, `slots: [B]` or `[B, L]`; for
+packed `x: [T, Din]`, `slots: [T]`. The base model is an ordinary slot (all-ones `a`/`b`,
+zero LoRA). Unused rank components of a slot are zero, so slots of different ranks share a bank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "expand_slots",
+    "flora_linear",
+    "flora_linear_reference",
+    "lora_delta_bmm",
+    "lora_delta_grouped",
+    "lora_delta_reference",
+    "ia3_bank_rows",
+]
+
+
+def expand_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Shape `slots` so that indexing a bank with it broadcasts against `x`'s token dims.
+
+    x: [B, L, Din] with slots [B] -> [B, 1];  slots [B, L] or packed [B·L] -> [B, L]
+    x: [T, Din] with slots [T] -> [T]
+    """
+    lead = x.shape[:-1]
+    if slots.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slots must be an integer tensor, got {slots.dtype}")
+    if x.dim() == 3:
+        b, l = lead
+        if slots.shape == (b,):
+            return slots.view(b, 1)
+        if slots.numel() == b * l:
+            return slots.reshape(b, l)
+    elif x.dim() == 2 and slots.shape == lead:
+        return slots
+    raise ValueError(
+        f"slots of shape {tuple(slots.shape)} do not match activations of shape {tuple(x.shape)}: "
+        "give one slot per row ([B]) or one per token ([B, L] or packed [T])"
+    )
+
+
+# --------------------------------------------------------------------------- multiplicative
+
+
+def flora_linear(
+    x: torch.Tensor,
+    w0: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slots: torch.Tensor,
+    rank: int | None = None,
+    gain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batched multiplicative adapters (FLoRA; IA3 and the base model as special cases).
+
+    Semantics:
+        for each token t with s = slots[t]:
+            y[t] = Σ_{r < rank} a[s, r] ∘ (w0 @ (b[s, r] ∘ x[t])) + gain[s] ∘ bias
+        i.e. y[t] = W_s x[t] + gain[s] ∘ bias with W_s = w0 ∘ (a[s, :rank]ᵀ b[s, :rank]).
+    Shapes: x [B, L, Din] or [T, Din]; w0 [Dout, Din]; bias [Dout] | None; a [S, R, Dout];
+        b [S, R, Din]; slots [B] | [B, L] | [T]; gain [S, Dout] | None (None: all ones).
+        `rank` (default R) limits the components computed; pass the largest rank among the
+        slots present to skip all-zero components. Returns [..., Dout] like `x`.
+    Cost: `rank` base matmuls sharing one read of w0, plus element-wise products.
+    """
+    s = expand_slots(x, slots)
+    rank = a.shape[1] if rank is None else rank
+    if rank == 1:
+        # The common serving case, without the rank axis: scale the input, one matmul, then the
+        # output scale and bias fused into one addcmul.
+        xb = x * b[:, 0][s]  # [.., Din]
+        h = F.linear(xb, w0)  # [.., Dout]
+        out_scale = a[:, 0][s]  # [.., Dout]
+        if bias is None:
+            return h.mul_(out_scale) if not h.requires_grad else h * out_scale
+        return torch.addcmul(_gained_bias(bias, gain, s), h, out_scale)
+    xb = x.unsqueeze(-2) * b[:, :rank][s]  # [.., rank, Din]
+    h = F.linear(xb, w0)  # [.., rank, Dout]: one matmul over all rank components
+    y = torch.einsum("...rd,...rd->...d", h, a[:, :rank][s])  # [.., Dout]
+    if bias is not None:
+        y = y + _gained_bias(bias, gain, s)
+    return y
+
+
+def _gained_bias(bias: torch.Tensor, gain: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
+    return bias if gain is None else gain[s] * bias
+
+
+def flora_linear_reference(x, w0, bias, a, b, slots, rank=None, gain=None):
+    """The spec of `flora_linear`: a loop over tokens, each with its merged weight."""
+    s = expand_slots(x, slots).expand(x.shape[:-1]).reshape(-1)
+    rank = a.shape[1] if rank is None else rank
+    xs = x.reshape(-1, x.shape[-1])
+    out = []
+    for t in range(xs.shape[0]):
+        slot = int(s[t])
+        delta = a[slot, :rank].T @ b[slot, :rank]  # [Dout, Din] = Σ_r a_r b_rᵀ
+        y = (w0 * delta) @ xs[t]
+        if bias is not None:
+            y = y + (bias if gain is None else gain[slot] * bias)
+        out.append(y)
+    return torch.stack(out).reshape(*x.shape[:-1], w0.shape[0])
+
+
+def ia3_bank_rows(l: torch.Tensor, feedforward: bool, rank: int, dout: int, din: int):
+    """Bank rows (a [R, Dout], b [R, Din], gain [Dout]) that make `flora_linear` compute IA3.
+
+    IA3 is FLoRA of rank 1 with one side all ones: output scaling `l ∘ (W0 x + c)` (PEFT scales
+    the bias with the output), or input scaling `W0 (l ∘ x) + c` for feed-forward layers.
+    """
+    a = torch.zeros(rank, dout, dtype=l.dtype, device=l.device)
+    b = torch.zeros(rank, din, dtype=l.dtype, device=l.device)
+    gain = torch.ones(dout, dtype=l.dtype, device=l.device)
+    if feedforward:
+        a[0], b[0] = 1.0, l
+    else:
+        a[0], b[0], gain = l, 1.0, l.clone()
+    return a, b, gain
+
+
+# --------------------------------------------------------------------------- additive (LoRA)
+
+
+def lora_delta_bmm(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor):
+    """LoRA term for per-example adapters with two `torch.bmm`, the paper's baseline (App. B.1).
+
+    Semantics: delta[t] = lora_b[s]ᵀ (lora_a[s] x[t]) for s = slots[t]  (added to the base output)
+    Shapes: x [B, L, Din] | [T, Din]; lora_a [S, R, Din]; lora_b [S, R, Dout]; slots as above.
+    Gathers each row's adapter (`adapter_b` [N, Din, R], `adapter_a` [N, R, Dout]) and runs
+    `bmm(bmm(x, adapter_b), adapter_a)` with N = B for row slots, N = T for token slots.
+    """
+    s = expand_slots(x, slots)
+    if s.dim() == 2 and s.shape[1] == 1:  # one adapter per row: bmm over rows
+        rows = s[:, 0]
+        xr = x  # [B, L, Din]
+    else:  # one adapter per token: bmm over tokens, each a sequence of length 1
+        rows = s.reshape(-1)
+        xr = x.reshape(-1, 1, x.shape[-1])  # [T, 1, Din]
+    adapter_b = lora_a[rows].transpose(1, 2)  # [N, Din, R]
+    adapter_a = lora_b[rows]  # [N, R, Dout]
+    hidden = torch.bmm(xr, adapter_b)  # [N, L', R]
+    out = torch.bmm(hidden, adapter_a)  # [N, L', Dout]
+    return out.reshape(*x.shape[:-1], lora_b.shape[-1])
+
+
+def lora_delta_grouped(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slots: torch.Tensor,
+    groups: list[tuple[int, torch.Tensor]] | None = None,
+):
+    """LoRA term with tokens grouped by adapter: one matmul pair per distinct slot (Punica/vLLM).
+
+    Semantics: same as `lora_delta_bmm`.
+    Shapes: as `lora_delta_bmm`; `groups` is `[(slot, index [n])]` into `slots.reshape(-1)`
+        (rows for per-row slots, tokens otherwise), e.g. from `group_tokens(slots)`, computed
+        once per batch and shared by all layers. Slots left out of `groups` get a zero delta.
+    """
+    s = expand_slots(x, slots)
+    if groups is None:
+        groups = group_tokens(slots)
+    if x.dim() == 3 and s.shape[1] == 1:
+        xs = x  # per-row slots: gather whole rows [n, L, Din]
+    else:
+        xs = x.reshape(-1, x.shape[-1])  # per-token slots: gather tokens [n, Din]
+    out = xs.new_zeros(*xs.shape[:-1], lora_b.shape[-1])
+    for slot, idx in groups:
+        xg = xs.index_select(0, idx)
+        out.index_add_(0, idx, (xg @ lora_a[slot].T) @ lora_b[slot])
+    return out.reshape(*x.shape[:-1], lora_b.shape[-1])
+
+
+def group_tokens(slots: torch.Tensor, only: set[int] | None = None) -> list[tuple[int, torch.Tensor]]:
+    """`[(slot, indices)]` of the flattened `slots`, for the slots in `only` (default: all)."""
+    flat = slots.reshape(-1)
+    groups = []
+    for slot in sorted(torch.unique(flat).tolist()):
+        if only is None or slot in only:
+            groups.append((slot, torch.nonzero(flat == slot, as_tuple=True)[0]))
+    return groups
+
+
+def lora_delta_reference(x, lora_a, lora_b, slots):
+    """The spec of the LoRA ops: per token, the merged weight's change `B A` applied to x."""
+    s = expand_slots(x, slots).expand(x.shape[:-1]).reshape(-1)
+    xs = x.reshape(-1, x.shape[-1])
+    out = [(lora_b[int(s[t])].T @ lora_a[int(s[t])]) @ xs[t] for t in range(xs.shape[0])]
+    return torch.stack(out).reshape(*x.shape[:-1], lora_b.shape[-1])

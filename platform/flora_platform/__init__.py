@@ -1,0 +1,1 @@
+"""The platform layer: Ray Train/Tune, DeepSpeed and MLflow around the flora library."""
