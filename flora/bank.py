@@ -199,12 +199,12 @@ def _copy_into(layer: AdaptedLinear, slot: int, adapter: Adapter, path: str) -> 
     t = {k: v.to(device=layer.b.device, dtype=torch.float32) for k, v in adapter.module_tensors(path).items()}
     cast = lambda x: x.to(layer.b.dtype)  # noqa: E731
     if config.kind == "flora":
-        layer.set_multiplicative(slot, cast(t["flora_A"] * config.scale), cast(t["flora_B"].T), None)
+        layer.set_multiplicative(slot, cast(t["flora_A"] * config.scale), cast(t["flora_B"].T))
         layer.set_lora(slot, layer.lora_a.new_zeros(0, layer.in_features), layer.lora_b.new_zeros(0, layer.adapted_features))
     elif config.kind == "ia3":
         ff = path in config.feedforward_modules
-        a, b, gain = ops.ia3_bank_rows(t["ia3_l"], ff, 1, layer.adapted_features, layer.in_features)
-        layer.set_multiplicative(slot, cast(a), cast(b), None if ff else cast(gain))
+        a, b = ops.ia3_bank_rows(t["ia3_l"], ff, 1, layer.adapted_features, layer.in_features)
+        layer.set_multiplicative(slot, cast(a), cast(b), scales_bias=not ff)
         layer.set_lora(slot, layer.lora_a.new_zeros(0, layer.in_features), layer.lora_b.new_zeros(0, layer.adapted_features))
     else:
         layer.clear_slot(slot)

@@ -48,12 +48,14 @@ class AdaptedLinear(nn.Module):
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
         self.b = frozen(torch.zeros(max_slots, max_rank, din, **kw))  # [S, R, Din]
         self.a = frozen(torch.zeros(max_slots, max_rank, dout, **kw))  # [S, R, Dout]
-        self.gain = frozen(torch.ones(max_slots, dout, **kw))  # [S, Dout]
+        # IA3 output scaling multiplies the bias as well (as PEFT does): for those slots the bias
+        # gain is the adapter's own output factor a[s, 0], so it stays right while training.
+        self.register_buffer("scales_bias", torch.zeros(max_slots, dtype=torch.bool, device=kw["device"]))
         self.lora_a = frozen(torch.zeros(max_slots, max_lora_rank, din, **kw))  # [S, Rl, Din]
         self.lora_b = frozen(torch.zeros(max_slots, max_lora_rank, dout, **kw))  # [S, Rl, Dout]
         self.mul_rank = [0] * max_slots
         self.lora_rank = [0] * max_slots
-        self.gain_used = [False] * max_slots
+        self.bias_scaled = [False] * max_slots  # host copy of `scales_bias`: no device read per forward
         for slot in range(max_slots):
             self.clear_slot(slot)
 
@@ -72,26 +74,24 @@ class AdaptedLinear(nn.Module):
         self.a[slot].zero_()
         self.b[slot, 0] = 1.0
         self.a[slot, 0] = 1.0
-        self.gain[slot] = 1.0
+        self.scales_bias[slot] = self.bias_scaled[slot] = False
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.mul_rank[slot] = self.lora_rank[slot] = 0
-        self.gain_used[slot] = False
 
     @torch.no_grad()
-    def set_multiplicative(self, slot: int, a: torch.Tensor, b: torch.Tensor, gain: torch.Tensor | None):
-        """Copy multiplicative rows into `slot`: a [r, Dout], b [r, Din] (scale folded), gain [Dout]."""
+    def set_multiplicative(self, slot: int, a: torch.Tensor, b: torch.Tensor, scales_bias: bool = False):
+        """Copy multiplicative rows into `slot`: a [r, Dout], b [r, Din] (scale folded).
+
+        scales_bias: the bias is multiplied by a[slot, 0] too (IA3 output scaling).
+        """
         r = a.shape[0]
         self.a[slot, :r].copy_(a)
         self.b[slot, :r].copy_(b)
         self.a[slot, r:].zero_()
         self.b[slot, r:].zero_()
-        if gain is None:
-            self.gain[slot].fill_(1.0)
-        else:
-            self.gain[slot].copy_(gain)
+        self.scales_bias[slot] = self.bias_scaled[slot] = scales_bias
         self.mul_rank[slot] = r
-        self.gain_used[slot] = gain is not None
 
     @torch.no_grad()
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor):
@@ -122,7 +122,9 @@ class AdaptedLinear(nn.Module):
         if mul_rank == 0:  # only base/LoRA rows: the plain base layer
             y = F.linear(x, w0, bias)
         else:
-            gain = self.gain if any(self.gain_used[s] for s in active) else None
+            gain = None
+            if bias is not None and any(self.bias_scaled[s] for s in active):
+                gain = torch.where(self.scales_bias[:, None], self.a[:, 0], 1.0)  # [S, Dout]
             y = ops.flora_linear(x, w0, bias, self.a, self.b, route.slots, rank=mul_rank, gain=gain)
         lora_slots = {s for s in active if self.lora_rank[s] > 0}
         if lora_slots:

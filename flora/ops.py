@@ -125,19 +125,19 @@ def flora_linear_reference(x, w0, bias, a, b, slots, rank=None, gain=None):
 
 
 def ia3_bank_rows(l: torch.Tensor, feedforward: bool, rank: int, dout: int, din: int):
-    """Bank rows (a [R, Dout], b [R, Din], gain [Dout]) that make `flora_linear` compute IA3.
+    """Bank rows (a [rank, Dout], b [rank, Din]) that make `flora_linear` compute IA3.
 
     IA3 is FLoRA of rank 1 with one side all ones: output scaling `l ∘ (W0 x + c)` (PEFT scales
-    the bias with the output), or input scaling `W0 (l ∘ x) + c` for feed-forward layers.
+    the bias with the output: pass `gain = a[:, 0]` for such slots), or input scaling
+    `W0 (l ∘ x) + c` for feed-forward layers.
     """
     a = torch.zeros(rank, dout, dtype=l.dtype, device=l.device)
     b = torch.zeros(rank, din, dtype=l.dtype, device=l.device)
-    gain = torch.ones(dout, dtype=l.dtype, device=l.device)
     if feedforward:
         a[0], b[0] = 1.0, l
     else:
-        a[0], b[0], gain = l, 1.0, l.clone()
-    return a, b, gain
+        a[0], b[0] = l, 1.0
+    return a, b
 
 
 # --------------------------------------------------------------------------- additive (LoRA)

@@ -111,11 +111,11 @@ def test_ia3_rows_are_flora_special_case():
     w0, bias, x = torch.randn(DOUT, DIN, generator=gen), torch.randn(DOUT, generator=gen), torch.randn(4, 2, DIN, generator=gen)
     slots = torch.zeros(4, dtype=torch.long)
     l_out, l_in = torch.rand(DOUT, generator=gen), torch.rand(DIN, generator=gen)
-    a, b, gain = ops.ia3_bank_rows(l_out, feedforward=False, rank=2, dout=DOUT, din=DIN)
-    got = ops.flora_linear(x, w0, bias, a[None], b[None], slots, gain=gain[None])
+    a, b = ops.ia3_bank_rows(l_out, feedforward=False, rank=2, dout=DOUT, din=DIN)
+    got = ops.flora_linear(x, w0, bias, a[None], b[None], slots, gain=a[None, 0])
     assert_close_fp32(got, l_out * (x @ w0.T + bias))  # PEFT: the bias is scaled too
-    a, b, gain = ops.ia3_bank_rows(l_in, feedforward=True, rank=2, dout=DOUT, din=DIN)
-    got = ops.flora_linear(x, w0, bias, a[None], b[None], slots, gain=gain[None])
+    a, b = ops.ia3_bank_rows(l_in, feedforward=True, rank=2, dout=DOUT, din=DIN)
+    got = ops.flora_linear(x, w0, bias, a[None], b[None], slots)
     assert_close_fp32(got, (l_in * x) @ w0.T + bias)
 
 
