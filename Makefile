@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench-layers clean
+.PHONY: install test test-fast finetune stop bench-layers clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The main job on the embedded default: a local Ray head, a local MLflow store under ./runs.
+# Extra settings: make finetune ARGS='adapter.rank=2 train.steps=400'
+finetune: $(STAMP)
+	cluster/local/submit.sh jobs/finetune.py --config jobs/configs/default.yaml $(ARGS)
+
+stop:
+	cluster/local/stop.sh
 
 bench-layers: $(STAMP)
 	$(PY) jobs/bench_layers.py

@@ -92,7 +92,7 @@ class AdapterBanks:
         """Copy `adapter` into a slot (its current one if `name` is loaded, else a free one)."""
         if name == BASE_NAME:
             raise ValueError(f"{BASE_NAME!r} names the base model; choose another adapter name")
-        self._check_fits(name, adapter.config)
+        self.check_fits(name, adapter.config)
         if slot is None:
             slot = self._slot_for(name)
         elif not 0 < slot < self.max_slots:
@@ -128,7 +128,12 @@ class AdapterBanks:
                 ) from None
             return free[0]
 
-    def _check_fits(self, name: str, config: AdapterConfig) -> None:
+    def check_fits(self, name: str, config: AdapterConfig) -> None:
+        """Raise ValueError (naming the fix) unless an adapter of `config` fits these banks.
+
+        Reads only the layers' shapes, never the slots, so a loader thread may call it while
+        another thread runs the model.
+        """
         limit, what = (self.max_lora_rank, "max_lora_rank") if config.kind == "lora" else (self.max_rank, "max_rank")
         if config.rank > limit:
             raise ValueError(f"adapter {name!r} has rank {config.rank} > bank {what} {limit}; inject with {what}>={config.rank}")

@@ -75,7 +75,7 @@ def inject(
             continue
         for pattern in patterns:
             regex, columns = _split_columns(pattern)
-            if _matches(regex, path):
+            if target_matches(regex, path):
                 unmatched.discard(pattern)
                 col_range = _column_range(model, path, module, columns) if columns else None
                 layers[path] = AdaptedLinear(
@@ -142,7 +142,8 @@ def _split_columns(pattern: str) -> tuple[str, tuple[str, ...]]:
     return regex, tuple(c.strip() for c in cols.split(",") if c.strip())
 
 
-def _matches(regex: str, path: str) -> bool:
+def target_matches(regex: str, path: str) -> bool:
+    """Whether a target pattern (without `:columns`) names the module at `path`."""
     return path == regex or path.endswith("." + regex) or re.fullmatch(regex, path) is not None
 
 
@@ -174,6 +175,6 @@ def new_adapter_shapes(banks: AdapterBanks, targets: list[str] | None = None) ->
     shapes = banks.module_shapes
     if targets is None:
         return shapes
-    return {p: s for p, s in shapes.items() if any(_matches(t, p) for t in targets)}
+    return {p: s for p, s in shapes.items() if any(target_matches(t, p) for t in targets)}
 
 

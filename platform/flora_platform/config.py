@@ -1,0 +1,236 @@
+"""Typed job configs: frozen dataclasses, loaded from YAML with `key.sub=value` overrides.
+
+Every check that can fail before a worker starts happens here or in `validate_*` functions, and
+names the field: `adapter.rank: must be >= 1, got 0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from flora_platform.data import CorpusConfig
+
+ADAPTER_KINDS = ("flora", "ia3", "lora")
+# The paper's learning rates (appendix A): multiplicative adapters need larger steps.
+DEFAULT_LR = {"flora": 8e-3, "ia3": 5e-3, "lora": 1e-4}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the field's dotted name."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class EmbeddedBaseConfig:
+    """The default base model: a small StarCoder-architecture model pre-trained on the local corpus."""
+
+    vocab_size: int = 4096
+    n_embd: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_positions: int = 512
+    pretrain_steps: int = 600
+    cache_dir: str = "~/.cache/flora/base"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "embedded"  # "embedded", a Hugging Face hub id, or a local directory
+    embedded: EmbeddedBaseConfig = field(default_factory=EmbeddedBaseConfig)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str = "flora"
+    rank: int = 4
+    targets: tuple[str, ...] = ()  # () = the architecture's preset (flora.PRESETS / IA3_PRESETS)
+    per_language: bool = True  # False: one adapter shared by every language (the single-adapter run)
+
+    def __post_init__(self):
+        if self.kind not in ADAPTER_KINDS:
+            raise ConfigError("adapter.kind", f"{self.kind!r} is not one of {ADAPTER_KINDS}")
+        if self.rank < 1:
+            raise ConfigError("adapter.rank", f"must be >= 1, got {self.rank}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8  # per worker
+    seq_len: int = 128
+    lr: float = 0.0  # 0 = the paper's value for the adapter kind
+    warmup_steps: int = 10
+    eval_interval: int = 50  # steps between held-out evaluations and checkpoints
+    eval_blocks: int = 32  # held-out blocks per language (all workers together)
+    log_interval: int = 10
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (the last two on GPU)
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_blocks", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.lr < 0:
+            raise ConfigError("train.lr", f"must be >= 0 (0 = the paper's default), got {self.lr}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("train.zero_stage", f"must be 0..3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError("train.precision", f"must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError("scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else a sqlite store under run.storage_path
+    experiment: str = "flora-finetune"
+    register: bool = True
+    registered_model_prefix: str = "flora"  # registered model per language: <prefix>-<language>
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "flora-finetune"
+    storage_path: str = ""  # "" = $FLORA_STORAGE, else ~/flora_runs; a local path or s3://
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def lr(self) -> float:
+        return self.train.lr or DEFAULT_LR[self.adapter.kind]
+
+    @property
+    def storage_path(self) -> str:
+        path = self.run.storage_path or os.environ.get("FLORA_STORAGE") or "~/flora_runs"
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
+    @property
+    def tracking_uri(self) -> str:
+        uri = self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        return f"sqlite:///{Path(self.storage_path) / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] = ()):
+    """Build `cls` from an optional YAML file and `a.b=value` overrides (values parsed as YAML)."""
+    raw: dict = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError("--config", f"cannot read {path}: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "overrides are key.sub=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"{part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return from_dict(cls, raw)
+
+
+def from_dict(cls, raw: dict, prefix: str = ""):
+    """Instantiate a (nested) frozen dataclass from plain data; unknown keys name themselves."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown field; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint, dotted = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value or {}, dotted + ".")
+        else:
+            kwargs[name] = _coerce(hint, value, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        # Configs validated outside this module raise plain ValueErrors: name the section.
+        raise ConfigError(prefix.rstrip(".") or cls.__name__, str(err)) from err
+
+
+def _coerce(hint, value, dotted: str):
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(dotted, f"expected a list, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(dotted, f"expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(dotted, f"expected a number, got {value!r}")
+        if hint is int and value != int(value):
+            raise ConfigError(dotted, f"expected an integer, got {value!r}")
+        return hint(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(dotted, f"expected a string, got {value!r}")
+    return value
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def flat_params(config) -> dict[str, str]:
+    """`{"adapter.rank": "4", ...}`: the config as flat MLflow params."""
+    return _flatten(to_dict(config), "")
+
+
+def _flatten(d: dict, prefix: str) -> dict[str, str]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out

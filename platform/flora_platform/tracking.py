@@ -1,0 +1,129 @@
+"""MLflow: one run per job, metrics over time, adapters as artifacts and registered model versions.
+
+Registered models are named `<prefix>-<language>`; each fine-tuning run adds one version per
+language, tagged with base model, kind and rank. People pick the version to serve in the MLflow
+UI by setting an alias (e.g. `champion`); serving resolves `models:/<name>@<alias>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "flora.run_name"
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
+    """The MLflow run of this job: an unfinished run of the same name is continued (a restarted job)."""
+    client = client_for(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    unfinished = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and attributes.status != 'FINISHED'",
+        max_results=1,
+    )
+    if unfinished:
+        run_id = unfinished[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        log.info("continuing MLflow run %s", run_id)
+        return run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    run_id = run.info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value)[:6000])
+    return run_id
+
+
+def log_step_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    client_for(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def finish_run(tracking_uri: str, run_id: str, ok: bool) -> None:
+    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    client_for(tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_adapters(
+    tracking_uri: str,
+    run_id: str,
+    adapter_dirs: dict[str, Path],
+    *,
+    register: bool,
+    prefix: str,
+    tags: dict[str, str],
+) -> dict[str, str]:
+    """Log each adapter directory as `adapters/<name>`; register a version per adapter.
+
+    Returns `{adapter name: "models:/<registered name>/<version>"}` (or the runs:/ URI when not
+    registering).
+    """
+    client = client_for(tracking_uri)
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    uris = {}
+    for name, directory in adapter_dirs.items():
+        client.log_artifacts(run_id, str(directory), artifact_path=f"adapters/{name}")
+        if not register:
+            uris[name] = f"runs:/{run_id}/adapters/{name}"
+            continue
+        model_name = registered_name(prefix, name)
+        try:
+            client.create_registered_model(model_name, description=f"flora adapters for {name}")
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        # MLflow 3 registers a plain artifact directory through create_model_version(source=...).
+        version = client.create_model_version(
+            model_name, source=f"{artifact_uri}/adapters/{name}", run_id=run_id, tags={**tags, "adapter": name}
+        )
+        uris[name] = f"models:/{model_name}/{version.version}"
+        log.info("registered %s version %s", model_name, version.version)
+    return uris
+
+
+def registered_name(prefix: str, adapter: str) -> str:
+    return f"{prefix}-{adapter}"
+
+
+def log_summary(tracking_uri: str, run_id: str, rows: list[dict], markdown: str) -> None:
+    client = client_for(tracking_uri)
+    client.log_text(run_id, markdown, "summary.md")
+    client.log_text(run_id, json.dumps(rows, indent=2), "summary.json")
+
+
+def resolve_model_version(tracking_uri: str, model_uri: str):
+    """The registered `ModelVersion` of `models:/<name>@<alias>`, `models:/<name>/<version>` or `<name>@<alias>`."""
+    ref = model_uri.removeprefix("models:/")
+    client = client_for(tracking_uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, sep, version = ref.rpartition("/")
+    if not sep or not version.isdigit():
+        raise ValueError(f"{model_uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return client.get_model_version(name, version)
+
+
+def download_model(tracking_uri: str, model_uri: str, dst: str | Path) -> Path:
+    """Download a registered adapter version (see `resolve_model_version`) into `dst`."""
+    import mlflow.artifacts
+
+    # Resolved here rather than by MLflow's models:/ repository, which reads the process-global
+    # registry URI instead of the one this call is given.
+    version = resolve_model_version(tracking_uri, model_uri)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst), tracking_uri=tracking_uri)
+    return Path(path)

@@ -1,0 +1,292 @@
+"""Fine-tuning on Ray Train + DeepSpeed: one adapter per language, trained in shared mixed batches.
+
+`train_loop_per_worker` is the whole worker: load the base model, inject adapter banks, start
+every adapter at the base model (or from the last checkpoint), then DeepSpeed steps over the
+adapter rows only. Each example is routed through its language's adapter, so N adapters train
+for the price of one batch. `build_trainer` wires it into a `TorchTrainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import flora
+from flora_platform import checkpoint as ckpt
+from flora_platform.config import FinetuneConfig, from_dict
+from flora_platform.data import mixed_batches
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- model + adapters
+
+
+def adapter_targets(model, spec) -> tuple[list[str], list[str]]:
+    """(target patterns, IA3 feed-forward patterns) for the adapter kind and architecture."""
+    model_type = model.config.model_type
+    if spec.targets:
+        return list(spec.targets), []
+    if spec.kind == "ia3":
+        if model_type not in flora.IA3_PRESETS:
+            raise ValueError(f"adapter.targets: no IA3 preset for {model_type!r}; name the target modules")
+        targets, feedforward = flora.IA3_PRESETS[model_type]
+        return list(targets), list(feedforward)
+    if model_type not in flora.PRESETS:
+        raise ValueError(f"adapter.targets: no preset for {model_type!r}; name the target modules")
+    return list(flora.PRESETS[model_type]), []
+
+
+def inject_adapters(model, cfg: FinetuneConfig, names: list[str]) -> flora.AdapterBanks:
+    """Inject banks sized for `names` and load a fresh, identity-initialised adapter for each."""
+    spec = cfg.adapter
+    targets, feedforward = adapter_targets(model, spec)
+    banks = flora.inject(
+        model, targets, max_slots=len(names) + 1, max_rank=spec.rank,
+        max_lora_rank=spec.rank if spec.kind == "lora" else 0,
+    )
+    shapes = banks.module_shapes
+    ff = tuple(p for p in shapes if any(flora.target_matches(t, p) for t in feedforward))
+    for i, name in enumerate(names):
+        adapter = flora.init_adapter(
+            spec.kind, spec.rank, shapes, feedforward_modules=ff, base_model=cfg.model.name, seed=cfg.train.seed + i
+        )
+        banks.load(name, adapter)
+    return banks
+
+
+def adapter_names(cfg: FinetuneConfig, languages: list[str]) -> list[str]:
+    return list(languages) if cfg.adapter.per_language else ["all"]
+
+
+def deepspeed_config(cfg: FinetuneConfig) -> dict:
+    t = cfg.train
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "steps_per_print": 10**9,  # progress is ours
+    }
+    if t.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def per_row_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed per row: [B] (each row has L-1 predicted tokens)."""
+    b, l, v = logits.shape
+    losses = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1), reduction="none"
+    )  # [B·(L-1)]
+    return losses.view(b, l - 1).sum(1)
+
+
+def language_sums(row_losses: torch.Tensor, row_langs: list[str], languages: list[str], tokens_per_row: int):
+    """[n_lang, 2] tensor of (summed token loss, token count) per language, for all-reduce."""
+    sums = torch.zeros(len(languages), 2, dtype=torch.float64)
+    for loss, lang in zip(row_losses.detach().double().cpu(), row_langs):
+        i = languages.index(lang)
+        sums[i, 0] += loss
+        sums[i, 1] += tokens_per_row
+    return sums
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        # gloo reduces CPU tensors; NCCL needs them on the GPU.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+        moved = t.to(device)
+        dist.all_reduce(moved)
+        return moved.to(t.device)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, eval_blocks: dict[str, torch.Tensor], languages, route_names, batch_size, device, rank, world):
+    """Held-out mean token loss per language; `route_names(lang)` picks the adapter (None = base)."""
+    sums = torch.zeros(len(languages), 2, dtype=torch.float64)
+    for i, lang in enumerate(languages):
+        shard = eval_blocks[lang][rank::world]
+        for start in range(0, shard.shape[0], batch_size):
+            ids = shard[start : start + batch_size].to(device)
+            with flora.route(model, [route_names(lang)] * ids.shape[0]):
+                row_losses = per_row_token_losses(model(input_ids=ids).logits, ids)
+            sums[i, 0] += row_losses.double().sum().cpu()
+            sums[i, 1] += ids.shape[0] * (ids.shape[1] - 1)
+    sums = all_reduce_sum(sums)
+    return {lang: (sums[i, 0] / sums[i, 1].clamp(min=1)).item() for i, lang in enumerate(languages)}
+
+
+def eval_metrics(prefix: str, losses: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for lang, loss in losses.items():
+        out[f"{prefix}_loss/{lang}"] = loss
+        out[f"{prefix}_perplexity/{lang}"] = math.exp(min(loss, 50.0))
+    out[f"{prefix}_loss/mean"] = statistics.fmean(losses.values())
+    return out
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train worker: `loop_config` holds the config dict, base model path and data refs."""
+    import deepspeed
+    import ray
+    import ray.train
+    from ray.train.torch import get_device
+
+    from flora_platform.base_model import load_base
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg: FinetuneConfig = from_dict(FinetuneConfig, loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    train_blocks = ray.get(loop_config["train_blocks"])
+    eval_blocks = ray.get(loop_config["eval_blocks"])
+    languages = sorted(train_blocks)
+    names = adapter_names(cfg, languages)
+    to_adapter = (lambda lang: lang) if cfg.adapter.per_language else (lambda lang: "all")
+
+    model, _ = load_base(loop_config["base_path"])
+    model.to(device)
+    banks = inject_adapters(model, cfg, names)
+    start_step, state = 0, {}
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            state = ckpt.load_checkpoint(d, banks)
+        start_step = state["step"]
+        log.info("rank %d: resuming from step %d", rank, start_step)
+
+    params = banks.trainable_parameters(names)
+    # No weight decay: it would pull the masked (other slots') rows, e.g. the base slot's ones, to zero.
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, cfg.train.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1 + start_step) / warmup))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg), dist_init_required=False,
+    )
+
+    batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
+    base_eval = state.get("base_eval") or evaluate(
+        engine.module, eval_blocks, languages, lambda lang: None, batch_size, device, rank, world
+    )
+    batches = mixed_batches(train_blocks, batch_size, cfg.train.seed, rank=rank, world_size=world, start_step=start_step)
+    window = torch.zeros(len(languages), 2, dtype=torch.float64)
+    step_times: list[float] = []
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        t0 = time.perf_counter()
+        ids, langs = next(batches)
+        ids = ids.to(device)
+        with flora.route(engine.module, [to_adapter(lang) for lang in langs]):
+            row_losses = per_row_token_losses(engine(input_ids=ids).logits, ids)
+            loss = row_losses.sum() / (ids.shape[0] * (seq_len - 1))
+            engine.backward(loss)
+        engine.step()
+        step_times.append(time.perf_counter() - t0)
+        window += language_sums(row_losses, langs, languages, seq_len - 1)
+        window_tokens += ids.numel()
+
+        last = step == cfg.train.steps
+        if step % cfg.train.log_interval == 0 or last:
+            totals = all_reduce_sum(window)
+            tokens = all_reduce_sum(torch.tensor([float(window_tokens)], dtype=torch.float64)).item()
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "train_loss": (totals[:, 0].sum() / totals[:, 1].sum()).item(),
+                "tokens_per_s": tokens / elapsed,
+                "step_time_s": statistics.median(step_times[-cfg.train.log_interval :]),
+                "lr": scheduler.get_last_lr()[0],
+                **{f"train_loss/{lang}": (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, lang in enumerate(languages)},
+            }
+            if rank == 0:
+                log.info(
+                    "step %d/%d  loss %.4f  %.0f tokens/s  %.3f s/step",
+                    step, cfg.train.steps, metrics["train_loss"], metrics["tokens_per_s"], metrics["step_time_s"],
+                )
+                log_metrics(loop_config, metrics, step)
+            window.zero_()
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if step % cfg.train.eval_interval == 0 or last:
+            adapted = evaluate(engine.module, eval_blocks, languages, to_adapter, batch_size, device, rank, world)
+            metrics = {
+                **eval_metrics("eval", adapted),
+                **eval_metrics("base_eval", base_eval),
+                "step": step,
+                "resumed_from_step": start_step,
+                "step_time_median_s": statistics.median(step_times),
+            }
+            if rank == 0:
+                log.info("step %d eval: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items() if "loss/" in k}))
+                log_metrics(loop_config, metrics, step)
+            report(banks, names, metrics, {"step": step, "base_eval": base_eval, "languages": languages}, rank)
+
+
+def report(banks, names, metrics, state, rank) -> None:
+    """Every worker reports (it is a barrier); rank 0 attaches the adapters-only checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.save_checkpoint(tmp, banks, names, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def log_metrics(loop_config: dict, metrics: dict, step: int) -> None:
+    """Rank 0 writes metrics over time straight into the job's MLflow run."""
+    run_id = loop_config.get("mlflow_run_id")
+    if not run_id:
+        return
+    from flora_platform.tracking import log_step_metrics
+
+    log_step_metrics(loop_config["tracking_uri"], run_id, metrics, step)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def build_trainer(cfg: FinetuneConfig, loop_config: dict, *, name: str | None = None, storage_path: str | None = None):
+    """A `TorchTrainer` running `train_loop_per_worker` with the config's scaling and fault tolerance."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scaling = cfg.scaling
+    # DeepSpeed picks its accelerator when imported: tell the workers which one before they start.
+    env = {"DS_ACCELERATOR": "cuda" if scaling.use_gpu else "cpu"}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name or cfg.run.name,
+            storage_path=storage_path or cfg.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )

@@ -1,0 +1,93 @@
+"""The fine-tuning job on a real local Ray cluster, real DeepSpeed and a real sqlite MLflow store."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import flora
+from flora_platform import tracking
+from flora_platform.base_model import load_base
+from flora_platform.config import ConfigError, FinetuneConfig, load_config
+
+from .conftest import load_job, tiny_job_overrides
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_two_worker_run_logs_registers_and_serves(ray_local, tmp_path):
+    finetune = load_job("finetune")
+    cfg = load_config(FinetuneConfig, None, tiny_job_overrides(tmp_path))
+    out = finetune.run(cfg)
+    metrics, uri = out["metrics"], cfg.tracking_uri
+
+    for lang in ("python", "c"):
+        for key in ("eval_loss", "eval_perplexity", "base_eval_loss", "base_eval_perplexity"):
+            assert f"{key}/{lang}" in metrics
+    assert metrics["step"] == 12 and metrics["resumed_from_step"] == 0
+
+    client = tracking.client_for(uri)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["adapter.kind"] == "flora" and run.data.params["scaling.num_workers"] == "2"
+    history = client.get_metric_history(out["run_id"], "train_loss")
+    assert [m.step for m in history] == [3, 6, 9, 12]  # per-step training loss over time
+    for key in ("train_loss/python", "train_loss/c", "tokens_per_s", "eval_perplexity/c", "base_eval_perplexity/python"):
+        assert client.get_metric_history(out["run_id"], key), key
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "adapters")}
+    assert artifacts == {"adapters/python", "adapters/c"}
+
+    # Registered versions resolve through models:/<name>@<alias> to a directory flora loads.
+    (version,) = client.search_model_versions("name='flora-python'")
+    assert version.tags["kind"] == "flora" and version.tags["rank"] == "4"
+    client.set_registered_model_alias("flora-python", "champion", version.version)
+    local = tracking.download_model(uri, "models:/flora-python@champion", tmp_path / "served")
+    adapter = flora.load_adapter(local)
+    model, _ = load_base(run.data.tags["base_model"])
+    banks = flora.inject(model, "gpt_bigcode", max_rank=4)
+    banks.load("python", adapter)
+    assert banks.names == ["python"]
+
+
+def _kill_one_worker_after_first_checkpoint(storage: Path, killed: list, stop: threading.Event):
+    """Wait until Ray Train has registered a checkpoint, then SIGKILL one Ray Train worker process."""
+    import psutil
+
+    while not stop.is_set():
+        # The controller writes this snapshot once it has registered a reported checkpoint; a
+        # checkpoint directory alone may belong to a report it has not collected yet.
+        if any(storage.glob("*/checkpoint_manager_snapshot.json")):
+            # Ray titles each actor's process `ray::<ActorClass>...`.
+            workers = [
+                p.pid for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")
+            ]
+            if workers:
+                os.kill(workers[-1], signal.SIGKILL)
+                killed.append(workers[-1])
+                return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_local, tmp_path):
+    finetune = load_job("finetune")
+    overrides = tiny_job_overrides(tmp_path, **{"train.steps": 120, "train.eval_interval": 10, "train.log_interval": 10})
+    cfg = load_config(FinetuneConfig, None, overrides)
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(
+        target=_kill_one_worker_after_first_checkpoint, args=(Path(cfg.storage_path), killed, stop), daemon=True
+    )
+    killer.start()
+    try:
+        out = finetune.run(cfg)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    # The worker group restarted from a checkpoint, not from step 0, and finished the schedule.
+    assert out["metrics"]["resumed_from_step"] >= 10
+    assert out["metrics"]["step"] == 120
+    assert tracking.client_for(cfg.tracking_uri).get_run(out["run_id"]).info.status == "FINISHED"
