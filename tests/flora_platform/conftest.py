@@ -15,7 +15,8 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    # address="local": a new cluster for this module, never one a user or another test started.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
     try:
         yield ray
     finally:
