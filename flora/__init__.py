@@ -5,7 +5,7 @@ Torch, transformers and safetensors only: nothing here imports Ray, DeepSpeed or
 
 from flora.adapter import Adapter, AdapterConfig, AdapterLoadError, init_adapter, load_adapter
 from flora.bank import BASE_NAME, BASE_SLOT, AdapterBanks
-from flora.inject import IA3_PRESETS, PRESETS, banks_of, inject, new_adapter_shapes, route, target_matches
+from flora.inject import IA3_PRESETS, PRESETS, banks_of, inject, route, target_matches
 from flora.layers import AdaptedLinear
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "init_adapter",
     "inject",
     "load_adapter",
-    "new_adapter_shapes",
     "route",
     "target_matches",
 ]

@@ -84,10 +84,6 @@ class Adapter:
     config: AdapterConfig
     tensors: dict[str, torch.Tensor]
 
-    @property
-    def name_hint(self) -> str:
-        return self.config.extra.get("name", "")
-
     def module_tensors(self, path: str) -> dict[str, torch.Tensor]:
         """This module's tensors keyed by their short name (`flora_A`, `lora_B`, `ia3_l`, ...)."""
         prefix = path + "."
@@ -142,6 +138,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_flora_dir(directory: Path) -> Adapter:
     raw = _read_json(directory / CONFIG_NAME)
+    if not isinstance(raw, dict):
+        raise AdapterLoadError(f"{directory / CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")
     try:
         version = raw.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:

@@ -55,9 +55,6 @@ class AdapterBanks:
         """Loaded adapter names (the base model excluded)."""
         return [info.name for info in self._slots[1:] if info is not None]
 
-    def info(self, slot: int) -> SlotInfo | None:
-        return self._slots[slot]
-
     def slot_of(self, name: str | None) -> int:
         if name is None or name == BASE_NAME:
             return BASE_SLOT

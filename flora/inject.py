@@ -168,13 +168,3 @@ def _column_range(model: nn.Module, path: str, layer: nn.Linear, columns: tuple[
     lo, hi = ranges[0][0], ranges[-1][1]
     assert hi <= layer.out_features, (hi, layer.out_features)
     return lo, hi
-
-
-def new_adapter_shapes(banks: AdapterBanks, targets: list[str] | None = None) -> dict[str, list[int]]:
-    """Module shapes for a new adapter over all adapted layers, or those matching `targets`."""
-    shapes = banks.module_shapes
-    if targets is None:
-        return shapes
-    return {p: s for p, s in shapes.items() if any(target_matches(t, p) for t in targets)}
-
-
