@@ -95,7 +95,7 @@ class CorpusConfig:
     max_bytes_per_language: int = 2_000_000
     eval_fraction: float = 0.1
     seed: int = 0
-    max_file_bytes: int = 100_000
+    max_file_bytes: int = 30_000
     min_bytes_per_language: int = 50_000
     max_scan_rows: int = 1_000_000
 

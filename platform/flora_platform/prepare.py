@@ -44,11 +44,18 @@ def prepare_job(cfg: FinetuneConfig) -> PreparedJob:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     seq_len = cfg.train.seq_len
     train_blocks = pack_blocks(train_docs, tokenizer, seq_len)
-    eval_blocks = {k: v[: cfg.train.eval_blocks] for k, v in pack_blocks(eval_docs, tokenizer, seq_len).items()}
+    eval_blocks = {k: spread(v, cfg.train.eval_blocks) for k, v in pack_blocks(eval_docs, tokenizer, seq_len).items()}
     languages = sorted(docs)
     for lang in languages:
         log.info("%s: %d train blocks, %d held-out blocks of %d tokens", lang, len(train_blocks[lang]), len(eval_blocks[lang]), seq_len)
     return PreparedJob(base_path, languages, train_blocks, eval_blocks)
+
+
+def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` blocks evenly spaced over all held-out documents, not the first document's blocks."""
+    if len(blocks) <= n:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, n).round().long()]
 
 
 def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) -> str:
