@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast finetune stop bench-layers clean
+.PHONY: install test test-fast finetune serve stop bench-layers clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test-fast: $(STAMP)
 # Extra settings: make finetune ARGS='adapter.rank=2 train.steps=400'
 finetune: $(STAMP)
 	cluster/local/submit.sh jobs/finetune.py --config jobs/configs/default.yaml $(ARGS)
+
+# The endpoint on the local cluster (the embedded base + the adapters `make finetune` registered),
+# then one request per adapter, all at once. Other config: make serve SERVE_CONFIG=serve_apps/x.yaml
+serve: $(STAMP)
+	cluster/local/serve.sh $(SERVE_CONFIG)
+	$(PY) serve_apps/ask.py --url http://127.0.0.1:$${FLORA_SERVE_PORT:-8000}
 
 stop:
 	cluster/local/stop.sh

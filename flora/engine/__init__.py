@@ -20,9 +20,10 @@ from flora.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from flora.engine.slots import AdapterUnavailable, DirectoryLoader
+from flora.engine.slots import AdapterInUse, AdapterUnavailable, DirectoryLoader
 
 __all__ = [
+    "AdapterInUse",
     "AdapterUnavailable",
     "DirectoryLoader",
     "Engine",

@@ -178,6 +178,14 @@ class Engine:
         self._wake.set()
         return handle
 
+    def unload_adapter(self, name: str) -> bool:
+        """Unload `name` from the banks between two steps; returns False if it was not resident.
+
+        Raises `AdapterInUse` while an admitted request uses it. Waiting requests for it load it again.
+        """
+        with self._step_lock:
+            return self.slots.unload(name)
+
     def generate(self, requests: Iterable[Request]) -> list[RequestOutput]:
         """Run these requests to the end and return their outputs in order (failed ones included)."""
         handles: list[RequestHandle] = []

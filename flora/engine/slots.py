@@ -31,6 +31,10 @@ class AdapterUnavailable(RuntimeError):
     """An adapter that cannot be served (unknown, unreadable, or made for another model)."""
 
 
+class AdapterInUse(RuntimeError):
+    """An adapter that cannot be unloaded now because admitted requests use it."""
+
+
 class DirectoryLoader:
     """Adapters stored as `root/<name>/` directories (flora or PEFT format, see `flora.adapter`)."""
 
@@ -168,6 +172,21 @@ class SlotManager:
         if not self._pins[name]:
             del self._pins[name]
         self._touch(name)
+
+    def unload(self, name: str) -> bool:
+        """Drop `name` from the banks (and a finished load waiting for a slot); False if it was
+        not resident. Raises `AdapterInUse` while an admitted request uses it."""
+        if _is_base(name):
+            raise ValueError("the base model cannot be unloaded")
+        self._loaded.pop(name, None)
+        if self.banks is None or name not in self.banks.names:
+            return False
+        if self._pins[name]:
+            raise AdapterInUse(f"adapter {name!r} is in use by {self._pins[name]} running request(s); retry when they finish")
+        self.banks.unload(name)
+        self._last_used.pop(name, None)
+        log.info("unloaded adapter %r", name)
+        return True
 
     def close(self) -> None:
         if self._executor is not None:

@@ -28,8 +28,7 @@ def client_for(tracking_uri: str) -> MlflowClient:
 def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
     """The MLflow run of this job: an unfinished run of the same name is continued (a restarted job)."""
     client = client_for(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = experiment_id_for(tracking_uri, experiment)
     unfinished = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and attributes.status != 'FINISHED'",
@@ -45,6 +44,23 @@ def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str, param
     for key, value in params.items():
         client.log_param(run_id, key, str(value)[:6000])
     return run_id
+
+
+def experiment_id_for(tracking_uri: str, experiment: str) -> str:
+    """The experiment's id, creating it with its artifacts beside a local sqlite store.
+
+    MLflow's default artifact root is ./mlruns relative to the process, which under
+    `ray job submit --working-dir .` is Ray's temporary copy of the repo: registered versions
+    would point into a directory Ray deletes.
+    """
+    client = client_for(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
 
 
 def log_step_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -73,26 +89,32 @@ def log_adapters(
     registering).
     """
     client = client_for(tracking_uri)
-    artifact_uri = client.get_run(run_id).info.artifact_uri
     uris = {}
     for name, directory in adapter_dirs.items():
         client.log_artifacts(run_id, str(directory), artifact_path=f"adapters/{name}")
-        if not register:
+        if register:
+            uris[name] = register_adapter(tracking_uri, run_id, name, prefix=prefix, tags=tags)
+        else:
             uris[name] = f"runs:/{run_id}/adapters/{name}"
-            continue
-        model_name = registered_name(prefix, name)
-        try:
-            client.create_registered_model(model_name, description=f"flora adapters for {name}")
-        except MlflowException as err:
-            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-                raise
-        # MLflow 3 registers a plain artifact directory through create_model_version(source=...).
-        version = client.create_model_version(
-            model_name, source=f"{artifact_uri}/adapters/{name}", run_id=run_id, tags={**tags, "adapter": name}
-        )
-        uris[name] = f"models:/{model_name}/{version.version}"
-        log.info("registered %s version %s", model_name, version.version)
     return uris
+
+
+def register_adapter(tracking_uri: str, run_id: str, name: str, *, prefix: str, tags: dict[str, str]) -> str:
+    """Register the run's logged `adapters/<name>` as a new version of `<prefix>-<name>`; its models:/ URI."""
+    client = client_for(tracking_uri)
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    model_name = registered_name(prefix, name)
+    try:
+        client.create_registered_model(model_name, description=f"flora adapters for {name}")
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    # MLflow 3 registers a plain artifact directory through create_model_version(source=...).
+    version = client.create_model_version(
+        model_name, source=f"{artifact_uri}/adapters/{name}", run_id=run_id, tags={**tags, "adapter": name}
+    )
+    log.info("registered %s version %s", model_name, version.version)
+    return f"models:/{model_name}/{version.version}"
 
 
 def registered_name(prefix: str, adapter: str) -> str:
