@@ -181,18 +181,30 @@ class AdapterBanks:
         """
         slots = [self.slot_of(n) for n in names]
         params = []
-        for layer in self.layers.values():
+        for path, layer in self.layers.items():
             for attr, ranks in (("a", layer.mul_rank), ("b", layer.mul_rank), ("lora_a", layer.lora_rank), ("lora_b", layer.lora_rank)):
+                if not any(ranks[s] for s in slots):
+                    continue  # no trained slot has rows here
                 p = getattr(layer, attr)
                 mask = torch.zeros(p.shape[0], p.shape[1], 1, dtype=p.dtype, device=p.device)
                 for s in slots:
-                    mask[s, : ranks[s]] = 1.0
-                if not mask.any():
-                    continue
+                    # IA3's fixed side is masked like any untrained row, not detached.
+                    if _trains(self._slots[s], path, attr):
+                        mask[s, : ranks[s]] = 1.0
                 p.requires_grad_(True)
                 p.register_hook(lambda grad, mask=mask: grad * mask)
                 params.append(p)
         return params
+
+
+def _trains(info: SlotInfo | None, path: str, attr: str) -> bool:
+    """Whether a slot's `attr` rows of the layer at `path` are trained. IA3 keeps one side all
+    ones (its vector `l` is `a` for output scaling, `b` for feed-forward input scaling): training
+    the other side too would make it a rank-1 FLoRA that `export` cannot write as IA3."""
+    if info is None or info.kind != "ia3" or attr not in ("a", "b"):
+        return True
+    feedforward = info.adapter_config is not None and path in info.adapter_config.feedforward_modules
+    return attr == ("b" if feedforward else "a")
 
 
 def _copy_into(layer: AdaptedLinear, slot: int, adapter: Adapter, path: str) -> None:
