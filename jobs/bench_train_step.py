@@ -45,10 +45,10 @@ def step(model, optimizer, ids, names) -> float:
 
 
 def default_model() -> str:
-    found = sorted(Path("~/.cache/flora/base").expanduser().glob("embedded-*"))
+    found = sorted(Path("~/.cache/flora/base").expanduser().glob("embedded-*"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise SystemExit("no cached embedded base: run `make finetune` once, or pass --model")
-    return str(found[-1])
+    return str(found[-1])  # the most recently built
 
 
 def main() -> None:
