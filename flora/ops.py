@@ -87,25 +87,47 @@ def flora_linear(
     """
     s = expand_slots(x, slots)
     rank = a.shape[1] if rank is None else rank
-    if rank == 1:
-        # The common serving case, without the rank axis: scale the input, one matmul, then the
-        # output scale and bias fused into one addcmul.
-        xb = x * b[:, 0][s]  # [.., Din]
-        h = F.linear(xb, w0)  # [.., Dout]
-        out_scale = a[:, 0][s]  # [.., Dout]
+    b_rows = _bank_rows(b[:, :rank], s)  # [*s.shape, rank, Din]
+    per_token = b_rows.shape[:-2] == x.shape[:-1]  # a gathered row per token (decode, token slots)
+    if rank == 1 and per_token and not (x.requires_grad or b_rows.requires_grad):
+        xb = b_rows.mul_(x.unsqueeze(-2))  # nothing records the fresh copy: scale it in place
+    else:
+        xb = x.unsqueeze(-2) * b_rows  # [.., rank, Din]
+    # One matmul for all components, on a 2-D view: on CPU, torch.matmul of an N-D input whose
+    # size-1 dims carry odd strides (as `xb` can have) takes a path several times slower.
+    h = F.linear(xb.reshape(-1, xb.shape[-1]), w0).view(*xb.shape[:-1], -1)  # [.., rank, Dout]
+    # Gathered after the matmul, which streams w0 through the caches, so that they are still hot.
+    a_rows = _bank_rows(a[:, :rank], s)  # [*s.shape, rank, Dout]
+    # y = Σ_r a_r ∘ h_r + gain ∘ bias, one fused multiply-add pass per component. An einsum over
+    # r is many times slower on CPU (it becomes a batched matmul with a length-`rank` inner
+    # dimension), and at rank 1 these passes are all the extra cost FLoRA has over the base.
+    h0, a0 = h.select(-2, 0), a_rows.select(-2, 0)  # [.., Dout]
+    factors = (h, a_rows, bias, gain)
+    if rank == 1 and not any(t is not None and t.requires_grad for t in factors):
+        # Inference at rank 1: h has exactly the output's size and nothing records any factor
+        # for a backward, so scale and add the bias in its memory instead of allocating another.
         if bias is None:
-            return h.mul_(out_scale) if not h.requires_grad else h * out_scale
-        return torch.addcmul(_gained_bias(bias, gain, s), h, out_scale)
-    xb = x.unsqueeze(-2) * b[:, :rank][s]  # [.., rank, Din]
-    h = F.linear(xb, w0)  # [.., rank, Dout]: one matmul over all rank components
-    y = torch.einsum("...rd,...rd->...d", h, a[:, :rank][s])  # [.., Dout]
-    if bias is not None:
-        y = y + _gained_bias(bias, gain, s)
+            return h0.mul_(a0)
+        return torch.addcmul(_gained_bias(bias, gain, s), h0, a0, out=h0)
+    y = h0 * a0 if bias is None else torch.addcmul(_gained_bias(bias, gain, s), h0, a0)
+    for r in range(1, rank):
+        # In place is fine for autograd: addcmul's backward needs its factors, never y itself.
+        y.addcmul_(h.select(-2, r), a_rows.select(-2, r))
     return y
 
 
+def _bank_rows(bank: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """`bank[s]` for a slot tensor `s` from `expand_slots`: [S, ...] -> [*s.shape, ...].
+
+    `index_select` rather than `bank[s]`: advanced indexing costs several times more per call on
+    CPU, which shows at decode shapes. Per-row slots ([B, 1]) gather one row per sequence, not
+    one per token.
+    """
+    return bank.index_select(0, s.reshape(-1)).view(*s.shape, *bank.shape[1:])
+
+
 def _gained_bias(bias: torch.Tensor, gain: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
-    return bias if gain is None else gain[s] * bias
+    return bias if gain is None else _bank_rows(gain, s) * bias
 
 
 def flora_linear_reference(x, w0, bias, a, b, slots, rank=None, gain=None):
@@ -158,8 +180,9 @@ def lora_delta_bmm(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     else:  # one adapter per token: bmm over tokens, each a sequence of length 1
         rows = s.reshape(-1)
         xr = x.reshape(-1, 1, x.shape[-1])  # [T, 1, Din]
-    adapter_b = lora_a[rows].transpose(1, 2)  # [N, Din, R]
-    adapter_a = lora_b[rows]  # [N, R, Dout]
+    # index_select: cheaper per call than advanced indexing on CPU (see `_bank_rows`)
+    adapter_b = lora_a.index_select(0, rows).transpose(1, 2)  # [N, Din, R]
+    adapter_a = lora_b.index_select(0, rows)  # [N, R, Dout]
     hidden = torch.bmm(xr, adapter_b)  # [N, L', R]
     out = torch.bmm(hidden, adapter_a)  # [N, L', Dout]
     return out.reshape(*x.shape[:-1], lora_b.shape[-1])
@@ -186,6 +209,10 @@ def lora_delta_grouped(
         xs = x  # per-row slots: gather whole rows [n, L, Din]
     else:
         xs = x.reshape(-1, x.shape[-1])  # per-token slots: gather tokens [n, Din]
+    if len(groups) == 1 and groups[0][1].numel() == xs.shape[0]:
+        # One adapter for the whole batch: plain matmuls, no gather, zero fill or scatter.
+        slot = groups[0][0]
+        return (x @ lora_a[slot].T) @ lora_b[slot]
     out = xs.new_zeros(*xs.shape[:-1], lora_b.shape[-1])
     for slot, idx in groups:
         xg = xs.index_select(0, idx)

@@ -145,3 +145,16 @@ def test_bad_slot_shapes_are_rejected():
         ops.expand_slots(x, torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
         ops.expand_slots(x, torch.zeros(4))
+
+
+def test_rank1_with_only_the_output_factor_trainable():
+    """IA3 output scaling trains `a` alone: the rank-1 path must keep autograd, not write in place."""
+    gen = torch.Generator().manual_seed(2)
+    a, b, _, _, _ = make_bank(1, gen)
+    w0, bias = torch.randn(DOUT, DIN, generator=gen), torch.randn(DOUT, generator=gen)
+    x, slots = make_inputs("row", "uniform", gen)
+    a = a.clone().requires_grad_(True)
+    y = ops.flora_linear(x, w0, bias, a, b, slots, rank=1, gain=a[:, 0])
+    y.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert_close_fp32(y.detach(), ops.flora_linear_reference(x, w0, bias, a.detach(), b, slots, rank=1, gain=a.detach()[:, 0]))

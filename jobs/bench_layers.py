@@ -1,0 +1,338 @@
+"""Layer benchmark: base vs FLoRA vs IA3 vs LoRA (bmm, grouped) on StarCoder-shaped layers.
+
+    python jobs/bench_layers.py [--quick] [--out DIR] [--device cpu|cuda] [--dtype float32]
+    ray job submit --working-dir . -- python jobs/bench_layers.py --device cuda
+
+The paper's Fig. 2 on one adapted square layer `d x d` (StarCoder-1B/3B/15B widths): time of
+each method relative to the plain base layer, versus rank, for decode (64 rows x 1 token, one
+adapter per row) and prefill (8 rows x 256 tokens) batches whose rows draw from 1, 8 or 64
+distinct adapters. Methods, all on the same inputs:
+    base          F.linear(x, w0, bias)
+    flora         ops.flora_linear at that rank
+    ia3           ops.flora_linear with a rank-1 bank whose input side is ones (IA3's cost here)
+    lora_bmm      base + ops.lora_delta_bmm (the paper's baseline)
+    lora_grouped  base + ops.lora_delta_grouped, groups from ops.group_tokens computed once
+                  outside the timing, as a model shares them across its layers
+Banks hold rank 16 and each call asks for the rank measured, as `flora.layers` does.
+
+Timing: per (model, shape, adapters) every method runs interleaved, round-robin, so drift of a
+shared machine hits all alike; medians over repeats under `torch.inference_mode()`. Cheap
+methods get more repeats than expensive ones (a time budget per method, at least
+`min_repeats`). Base and IA3 do not depend on rank: they are timed once per group and their
+row is repeated for every rank. Writes `layers_<device>.csv` and `layers_<device>.png` under
+`--out` and prints the headline ratios. Imports only `flora.ops`, torch and (for the plot)
+matplotlib, so it runs on a GPU machine without the platform layer; it imports no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Run from a bare checkout too (a GPU box with only torch, transformers, safetensors): the
+# repository root holds the `flora` package.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from flora import ops  # noqa: E402
+
+MODELS = {"starcoder-1b": 2048, "starcoder-3b": 2816, "starcoder-15b": 6144}  # name -> d
+SHAPES = {"decode": (64, 1), "prefill": (8, 256)}  # name -> (rows, tokens per row)
+ADAPTERS = (1, 8, 64)
+RANKS = (1, 2, 4, 8, 16)
+METHODS = ("base", "flora", "ia3", "lora_bmm", "lora_grouped")
+RANKLESS = ("base", "ia3")
+Y_TICKS = (0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CSV_COLUMNS = (
+    "device dtype model d shape tokens adapters rank method median_ms p10_ms p90_ms ratio_vs_base"
+).split()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much to measure. A method gets `ceil(budget_s / call_s)` repeats within bounds."""
+
+    models: tuple[str, ...]
+    ranks: tuple[int, ...]
+    adapters: tuple[int, ...]
+    budget_s: dict[str, float]  # per method and group, by shape
+    min_repeats: int
+    max_repeats: int
+    # Calls longer than this skip the warmup: the first call's extra cost is small next to them
+    # and a median over >= 3 repeats drops a slow first repeat anyway.
+    heavy_call_s: float = 1.0
+    min_sample_s: float = 0.0  # repeat a call within one sample up to this (GPU: tiny calls)
+
+
+FULL = Plan(tuple(MODELS), RANKS, ADAPTERS, {"decode": 0.6, "prefill": 2.5}, 3, 25)
+QUICK = Plan(("starcoder-1b",), (1, 4), (64,), {"decode": 0.1, "prefill": 0.1}, 3, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="d=2048, ranks 1 and 4, few repeats")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "layers")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser.add_argument("--threads", type=int, default=cores,
+                        help="torch CPU threads (default: the cores this process may use)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch; use --device cpu")
+    plan = QUICK if args.quick else FULL
+    if args.device == "cuda":  # GPU calls take microseconds: time several per sample
+        plan = dataclasses.replace(plan, min_sample_s=2e-3)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device_name = torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu"
+    print(f"bench_layers: {device_name}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {'quick' if args.quick else 'full'} run, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    started = time.perf_counter()
+    rows = []
+    for model in plan.models:
+        for shape in SHAPES:
+            n_rows = SHAPES[shape][0]
+            for adapters in sorted({min(a, n_rows) for a in plan.adapters}):
+                rows += bench_group(plan, device, dtype, args.dtype, model, shape, adapters)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = args.device
+    csv_path, png_path = args.out / f"layers_{tag}.csv", args.out / f"layers_{tag}.png"
+    write_csv(rows, csv_path)
+    plot(rows, png_path, title=f"{device_name}, {args.dtype}")
+    print_headline(rows)
+    print(f"wrote {csv_path} and {png_path}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def bench_group(plan, device, dtype, dtype_name, model, shape, adapters) -> list[dict]:
+    """Time every method and rank on one (model, shape, adapters); return CSV rows."""
+    d = MODELS[model]
+    n_rows, n_tokens = SHAPES[shape]
+    max_rank = max(RANKS)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *size: torch.randn(*size, generator=g).to(device, dtype)  # noqa: E731
+    w0 = rand(d, d) / math.sqrt(d)  # [Dout, Din]
+    bias = rand(d)  # [Dout]
+    x = rand(n_rows, n_tokens, d)  # [B, L, Din]
+    # Every one of the `adapters` slots is used, in shuffled order.
+    slots = (torch.arange(n_rows) % adapters)[torch.randperm(n_rows, generator=g)].to(device)  # [B]
+    a = 1 + 0.1 * rand(adapters, max_rank, d)  # [S, R, Dout]
+    b = 1 + 0.1 * rand(adapters, max_rank, d)  # [S, R, Din]
+    lora_a = rand(adapters, max_rank, d) / math.sqrt(d)  # [S, R, Din]
+    lora_b = 0.01 * rand(adapters, max_rank, d)  # [S, R, Dout]
+    # IA3 on attention outputs, PEFT's way: l ∘ (W0 x + c), so the bias gain is `l` too.
+    ia3 = [ops.ia3_bank_rows(1 + 0.1 * rand(d), False, 1, d, d) for _ in range(adapters)]
+    ia3_a, ia3_b = (torch.stack(t) for t in zip(*ia3))  # [S, 1, Dout], [S, 1, Din]
+    ia3_gain = ia3_a[:, 0]  # [S, Dout]
+    groups = ops.group_tokens(slots)
+
+    def lora(delta_fn, r):
+        la, lb = lora_a[:, :r], lora_b[:, :r]
+        # In place on the fresh base output, as a serving layer can under inference mode.
+        return lambda: F.linear(x, w0, bias).add_(delta_fn(la, lb))
+
+    calls = {("base", None): lambda: F.linear(x, w0, bias)}
+    calls[("ia3", None)] = lambda: ops.flora_linear(x, w0, bias, ia3_a, ia3_b, slots, 1, ia3_gain)
+    for r in plan.ranks:
+        calls[("flora", r)] = lambda r=r: ops.flora_linear(x, w0, bias, a, b, slots, rank=r)
+        calls[("lora_bmm", r)] = lora(lambda la, lb: ops.lora_delta_bmm(x, la, lb, slots), r)
+        calls[("lora_grouped", r)] = lora(
+            lambda la, lb: ops.lora_delta_grouped(x, la, lb, slots, groups), r
+        )
+
+    label = f"{model} d={d} {shape} adapters={adapters}"
+    print(f"{label}: timing {len(calls)} calls ...", flush=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        samples = measure(calls, plan, device, shape)
+    elapsed = time.perf_counter() - started
+
+    base_ms = statistics.median(samples[("base", None)]) * 1e3
+    # The load average flags figures taken while other processes competed for the cores.
+    print(f"{label}: base {base_ms:.2f} ms ({elapsed:.0f} s, load average "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
+    rows = []
+    for r in plan.ranks:
+        ratios = []
+        for method in METHODS:
+            ts = [t * 1e3 for t in samples[(method, None if method in RANKLESS else r)]]
+            p10, p90 = percentiles(ts)
+            rows.append(dict(
+                device=device.type, dtype=dtype_name, model=model, d=d, shape=shape,
+                tokens=n_rows * n_tokens, adapters=adapters, rank=r, method=method,
+                median_ms=round(statistics.median(ts), 4), p10_ms=round(p10, 4),
+                p90_ms=round(p90, 4), ratio_vs_base=round(statistics.median(ts) / base_ms, 4),
+            ))
+            ratios.append(f"{method} {rows[-1]['ratio_vs_base']:.3f}")
+        print(f"  {label} rank={r}: " + "  ".join(ratios[1:]), flush=True)
+    return rows
+
+
+def measure(calls, plan, device, shape) -> dict:
+    """Seconds per call of every entry of `calls`, sampled round-robin; `{key: [s, ...]}`."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # Predict each call's cost from one base call so that heavy calls can skip the warmup.
+    sync()
+    base_s = time_calls(calls[("base", None)], 1, device)
+    per_call_s, number = {}, {}
+    for key, fn in calls.items():
+        units = key[1] if key[0] == "flora" else 1  # FLoRA at rank r: r base matmuls
+        if base_s * units > plan.heavy_call_s:
+            per_call_s[key] = base_s * units
+        else:
+            per_call_s[key] = time_calls(fn, 1, device)  # warmup, and the cost estimate
+        number[key] = max(1, math.ceil(plan.min_sample_s / max(per_call_s[key], 1e-9)))
+    repeats = {
+        key: min(plan.max_repeats, max(plan.min_repeats,
+                 math.ceil(plan.budget_s[shape] / (per_call_s[key] * number[key]))))
+        for key in calls
+    }
+    samples = {key: [] for key in calls}
+    keys = list(calls)
+    for i in range(max(repeats.values())):
+        # Round-robin, every method once per round, starting one further each round so that no
+        # method always runs right after the same other one (caches, clocks).
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            if i < repeats[key]:
+                samples[key].append(time_calls(calls[key], number[key], device))
+    return samples
+
+
+def time_calls(fn, number: int, device: torch.device) -> float:
+    """Mean seconds of `number` back-to-back calls of `fn`, device work included."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / number
+    started = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - started) / number
+
+
+def percentiles(ts: list[float]) -> tuple[float, float]:
+    """(p10, p90) by linear interpolation; with fewer than two samples both are the sample."""
+    if len(ts) < 2:
+        return ts[0], ts[0]
+    deciles = statistics.quantiles(ts, n=10, method="inclusive")
+    return deciles[0], deciles[-1]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Fig. 2 of the paper: time relative to base vs rank, one panel per shape x model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+    except ImportError:
+        print("matplotlib is not installed: no plot (the CSV has every figure)")
+        return
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    styles = {
+        "base": dict(color="black", linestyle="--", label="base"),
+        "flora": dict(color="tab:red", marker="o", label="FLoRA"),
+        "ia3": dict(color="tab:green", marker="^", label="IA3"),
+        "lora_bmm": dict(color="tab:blue", marker="s", label="LoRA (bmm)"),
+        "lora_grouped": dict(color="tab:purple", marker="D", label="LoRA (grouped)"),
+    }
+    fig, axes = plt.subplots(
+        len(shapes), len(models), figsize=(4.2 * len(models), 3.4 * len(shapes)),
+        squeeze=False, sharex=True,
+    )
+    for i, shape in enumerate(shapes):
+        for j, model in enumerate(models):
+            ax = axes[i][j]
+            here = [r for r in rows if r["shape"] == shape and r["model"] == model]
+            adapters = max(r["adapters"] for r in here)
+            for method, style in styles.items():
+                pts = sorted((r["rank"], r["ratio_vs_base"]) for r in here
+                             if r["method"] == method and r["adapters"] == adapters)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            ax.set_xscale("log", base=2)
+            # Log y: FLoRA grows ~linearly with rank while the others stay near 1.
+            ax.set_yscale("log", base=2)
+            ax.set_yticks(ratio_ticks(*ax.get_ylim()))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ranks = sorted({r["rank"] for r in here})
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+            ax.set_title(f"{model} (d={here[0]['d']}), {shape}\n"
+                         f"{here[0]['tokens']} tokens, {adapters} adapters", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            if i == len(shapes) - 1:
+                ax.set_xlabel("rank")
+            if j == 0:
+                ax.set_ylabel("time / base layer")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Adapted d x d layer vs base layer ({title})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ratio_ticks(lo: float, hi: float) -> list[float]:
+    """Round ratios within [lo, hi], 1 included, spaced at least a tenth of the log range."""
+    gap = math.log2(hi / lo) / 10
+    up, down = [1.0], [1.0]
+    for t in Y_TICKS:
+        if 1 < t <= hi and math.log2(t / up[-1]) >= gap:
+            up.append(t)
+    for t in reversed(Y_TICKS):
+        if lo <= t < 1 and math.log2(down[-1] / t) >= gap:
+            down.append(t)
+    return down[:0:-1] + up
+
+
+def print_headline(rows: list[dict]) -> None:
+    """Rank 1 at the most adapters per shape: FLoRA vs base and vs LoRA-bmm."""
+    print("\nheadline, rank 1, most distinct adapters (time ratios; < 1 means FLoRA is faster)")
+    print(f"{'model':<15}{'shape':<9}{'adapters':>9}{'flora/base':>12}{'flora/bmm':>11}"
+          f"{'ia3/base':>10}{'bmm/base':>10}{'grouped/base':>14}")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            here = [r for r in rows
+                    if r["model"] == model and r["shape"] == shape and r["rank"] == 1]
+            if not here:
+                continue
+            adapters = max(r["adapters"] for r in here)
+            ms = {r["method"]: r["median_ms"] for r in here if r["adapters"] == adapters}
+            print(f"{model:<15}{shape:<9}{adapters:>9}{ms['flora'] / ms['base']:>12.3f}"
+                  f"{ms['flora'] / ms['lora_bmm']:>11.3f}{ms['ia3'] / ms['base']:>10.3f}"
+                  f"{ms['lora_bmm'] / ms['base']:>10.3f}{ms['lora_grouped'] / ms['base']:>14.3f}")
+
+
+if __name__ == "__main__":
+    main()
