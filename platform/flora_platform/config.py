@@ -70,7 +70,7 @@ class TrainConfig:
     lr: float = 0.0  # 0 = the paper's value for the adapter kind
     warmup_steps: int = 10
     eval_interval: int = 50  # steps between held-out evaluations and checkpoints
-    eval_blocks: int = 32  # held-out blocks per language (all workers together)
+    eval_blocks: int = 64  # held-out blocks per language, spread over its documents
     log_interval: int = 10
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 | bf16 | fp16 (the last two on GPU)
@@ -93,11 +93,13 @@ class TrainConfig:
 class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1  # fractions let several small runs (search trials) share a node
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ConfigError("scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,12 @@ def load_config(cls, path: str | None = None, overrides: list[str] = ()):
     return from_dict(cls, raw)
 
 
-def from_dict(cls, raw: dict, prefix: str = ""):
-    """Instantiate a (nested) frozen dataclass from plain data; unknown keys name themselves."""
+def from_dict(cls, raw: dict, prefix: str = "", base=None):
+    """Instantiate a (nested) frozen dataclass from plain data; unknown keys name themselves.
+
+    Values missing from `raw` come from `base`, else from the field defaults of the enclosing
+    class (so a subclass that changes a section's default keeps it when one key is overridden).
+    """
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -182,9 +188,12 @@ def from_dict(cls, raw: dict, prefix: str = ""):
     for name, value in raw.items():
         hint, dotted = hints[name], f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value or {}, dotted + ".")
+            section = getattr(base, name) if base is not None else _field_default(fields[name])
+            kwargs[name] = from_dict(hint, value or {}, dotted + ".", base=section)
         else:
             kwargs[name] = _coerce(hint, value, dotted)
+    if base is not None:
+        kwargs = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}, **kwargs}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -194,6 +203,12 @@ def from_dict(cls, raw: dict, prefix: str = ""):
         raise ConfigError(prefix.rstrip(".") or cls.__name__, str(err)) from err
 
 
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def _coerce(hint, value, dotted: str):
     origin = typing.get_origin(hint)
     if origin is tuple:
@@ -201,12 +216,21 @@ def _coerce(hint, value, dotted: str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(dotted, f"expected a list, got {value!r}")
+        item_hint = typing.get_args(hint)[0] if typing.get_args(hint) else None
+        if item_hint in (int, float):
+            return tuple(_coerce(item_hint, v, f"{dotted}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(dotted, f"expected true or false, got {value!r}")
         return value
     if hint in (int, float):
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot (1e-6) as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(dotted, f"expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(dotted, f"expected a number, got {value!r}")
         if hint is int and value != int(value):

@@ -163,6 +163,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     names = adapter_names(cfg, languages)
     to_adapter = (lambda lang: lang) if cfg.adapter.per_language else (lambda lang: "all")
 
+    # Extra values sent with every report (not logged), e.g. a search's bookkeeping: a picklable
+    # function of no arguments returning a dict.
+    report_extras = loop_config.get("report_extras") or dict
+
     model, _ = load_base(loop_config["base_path"])
     model.to(device)
     banks = inject_adapters(model, cfg, names)
@@ -238,7 +242,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 log.info("step %d eval: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items() if "loss/" in k}))
                 log_metrics(loop_config, metrics, step)
-            report(banks, names, metrics, {"step": step, "base_eval": base_eval, "languages": languages}, rank)
+            state = {"step": step, "base_eval": base_eval, "languages": languages}
+            report(banks, names, {**metrics, **report_extras()}, state, rank)
 
 
 def report(banks, names, metrics, state, rank) -> None:
@@ -266,8 +271,14 @@ def log_metrics(loop_config: dict, metrics: dict, step: int) -> None:
 # --------------------------------------------------------------------------- the trainer
 
 
-def build_trainer(cfg: FinetuneConfig, loop_config: dict, *, name: str | None = None, storage_path: str | None = None):
-    """A `TorchTrainer` running `train_loop_per_worker` with the config's scaling and fault tolerance."""
+def build_trainer(
+    cfg: FinetuneConfig, loop_config: dict, *, name: str | None = None, storage_path: str | None = None,
+    callbacks: list | None = None,
+):
+    """A `TorchTrainer` running `train_loop_per_worker` with the config's scaling and fault tolerance.
+
+    `callbacks`: Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` when a search trial runs it.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -288,5 +299,6 @@ def build_trainer(cfg: FinetuneConfig, loop_config: dict, *, name: str | None = 
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks,
         ),
     )
