@@ -209,7 +209,7 @@ def test_program_never_writes_outside_its_directory(sandbox):
     token = uuid.uuid4().hex
     targets = [
         f"/tmp/flora-escape-{token}", f"/var/tmp/flora-escape-{token}", f"/dev/shm/flora-escape-{token}",
-        str(HERE / f"flora-escape-{token}"), f"/root/flora-escape-{token}", f"../flora-escape-{token}",
+        str(HERE / f"flora-escape-{token}"), str(Path.home() / f"flora-escape-{token}"), f"../flora-escape-{token}",
         f"../../flora-escape-{token}", f"link-to-tmp/flora-escape-{token}",
     ]
     source = (
