@@ -87,33 +87,52 @@ def flora_linear(
     """
     s = expand_slots(x, slots)
     rank = a.shape[1] if rank is None else rank
+    if rank == 1:
+        return _flora_linear_rank1(x, w0, bias, a[:, 0], b[:, 0], s, gain)
     b_rows = _bank_rows(b[:, :rank], s)  # [*s.shape, rank, Din]
-    per_token = b_rows.shape[:-2] == x.shape[:-1]  # a gathered row per token (decode, token slots)
-    if rank == 1 and per_token and not (x.requires_grad or b_rows.requires_grad):
-        xb = b_rows.mul_(x.unsqueeze(-2))  # nothing records the fresh copy: scale it in place
-    else:
-        xb = x.unsqueeze(-2) * b_rows  # [.., rank, Din]
-    # One matmul for all components, on a 2-D view: on CPU, torch.matmul of an N-D input whose
-    # size-1 dims carry odd strides (as `xb` can have) takes a path several times slower.
-    h = F.linear(xb.reshape(-1, xb.shape[-1]), w0).view(*xb.shape[:-1], -1)  # [.., rank, Dout]
+    xb = x.unsqueeze(-2) * b_rows  # [.., rank, Din]
+    h = _linear_2d(xb, w0)  # [.., rank, Dout]: one matmul for all components
     # Gathered after the matmul, which streams w0 through the caches, so that they are still hot.
     a_rows = _bank_rows(a[:, :rank], s)  # [*s.shape, rank, Dout]
     # y = Σ_r a_r ∘ h_r + gain ∘ bias, one fused multiply-add pass per component. An einsum over
     # r is many times slower on CPU (it becomes a batched matmul with a length-`rank` inner
-    # dimension), and at rank 1 these passes are all the extra cost FLoRA has over the base.
+    # dimension).
     h0, a0 = h.select(-2, 0), a_rows.select(-2, 0)  # [.., Dout]
-    factors = (h, a_rows, bias, gain)
-    if rank == 1 and not any(t is not None and t.requires_grad for t in factors):
-        # Inference at rank 1: h has exactly the output's size and nothing records any factor
-        # for a backward, so scale and add the bias in its memory instead of allocating another.
-        if bias is None:
-            return h0.mul_(a0)
-        return torch.addcmul(_gained_bias(bias, gain, s), h0, a0, out=h0)
     y = h0 * a0 if bias is None else torch.addcmul(_gained_bias(bias, gain, s), h0, a0)
     for r in range(1, rank):
         # In place is fine for autograd: addcmul's backward needs its factors, never y itself.
         y.addcmul_(h.select(-2, r), a_rows.select(-2, r))
     return y
+
+
+def _flora_linear_rank1(x, w0, bias, a0, b0, s, gain):
+    """`flora_linear` at rank 1 (the common serving case, and IA3): a0 [S, Dout], b0 [S, Din].
+
+    Without a rank axis, and in place wherever autograd records nothing: at rank 1 these
+    element-wise passes and the two gathers are all that FLoRA costs over the base layer, and
+    at decode shapes a few microseconds of Python per call show in the total.
+    """
+    b_rows = _bank_rows(b0, s)  # [*s.shape, Din]
+    if b_rows.shape == x.shape and not (x.requires_grad or b_rows.requires_grad):
+        xb = b_rows.mul_(x)  # a fresh row per token (decode, token slots): scale it in place
+    else:
+        xb = x * b_rows  # [.., Din]
+    h = _linear_2d(xb, w0)  # [.., Dout]
+    a_rows = _bank_rows(a0, s)  # [*s.shape, Dout], gathered after the matmul (see above)
+    gained_bias = None if bias is None else _gained_bias(bias, gain, s)
+    if not any(t is not None and t.requires_grad for t in (h, a_rows, gained_bias)):
+        # Nothing records a factor for a backward: scale and add the bias in h's memory.
+        return h.mul_(a_rows) if gained_bias is None else torch.addcmul(gained_bias, h, a_rows, out=h)
+    return h * a_rows if gained_bias is None else torch.addcmul(gained_bias, h, a_rows)
+
+
+def _linear_2d(x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, w0)` on a 2-D view of `x` ([.., Din] -> [.., Dout]).
+
+    On CPU, torch.matmul of an N-D input whose size-1 dims carry odd strides (as a broadcast
+    product can have) takes a path several times slower than the same matmul in 2-D.
+    """
+    return F.linear(x.reshape(-1, x.shape[-1]), w0).view(*x.shape[:-1], w0.shape[0])
 
 
 def _bank_rows(bank: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

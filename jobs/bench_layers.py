@@ -15,6 +15,12 @@ distinct adapters. Methods, all on the same inputs:
                   outside the timing, as a model shares them across its layers
 Banks hold rank 16 and each call asks for the rank measured, as `flora.layers` does.
 
+On CUDA every call is captured once into a CUDA graph and the graph is replayed (`timing`
+column `cuda_graph`; `--eager` times plain calls): at these shapes a base layer is ~20 us of GPU
+work, so eager timing measures Python and kernel launches, not the method. A serving engine
+hides launches the same way (CUDA graphs for decode), so graph replay is the figure that
+carries over. A call that cannot be captured is timed eagerly and flagged `eager` in the CSV.
+
 Timing: per (model, shape, adapters) every method runs interleaved, round-robin, so drift of a
 shared machine hits all alike; medians over repeats under `torch.inference_mode()`. Cheap
 methods get more repeats than expensive ones (a time budget per method, at least
@@ -53,7 +59,8 @@ METHODS = ("base", "flora", "ia3", "lora_bmm", "lora_grouped")
 RANKLESS = ("base", "ia3")
 Y_TICKS = (0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CSV_COLUMNS = (
-    "device dtype model d shape tokens adapters rank method median_ms p10_ms p90_ms ratio_vs_base"
+    "device dtype timing model d shape tokens adapters rank method median_ms p10_ms p90_ms "
+    "ratio_vs_base"
 ).split()
 
 
@@ -84,6 +91,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser.add_argument("--eager", action="store_true",
+                        help="CUDA: time plain calls instead of CUDA-graph replays")
     parser.add_argument("--threads", type=int, default=cores,
                         help="torch CPU threads (default: the cores this process may use)")
     args = parser.parse_args()
@@ -105,7 +114,8 @@ def main() -> None:
         for shape in SHAPES:
             n_rows = SHAPES[shape][0]
             for adapters in sorted({min(a, n_rows) for a in plan.adapters}):
-                rows += bench_group(plan, device, dtype, args.dtype, model, shape, adapters)
+                rows += bench_group(plan, device, dtype, args.dtype, model, shape, adapters,
+                                    graphs=device.type == "cuda" and not args.eager)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +130,11 @@ def main() -> None:
 # --------------------------------------------------------------------------- measuring
 
 
-def bench_group(plan, device, dtype, dtype_name, model, shape, adapters) -> list[dict]:
-    """Time every method and rank on one (model, shape, adapters); return CSV rows."""
+def bench_group(plan, device, dtype, dtype_name, model, shape, adapters, graphs) -> list[dict]:
+    """Time every method and rank on one (model, shape, adapters); return CSV rows.
+
+    `graphs`: replace each call by the replay of a CUDA graph captured from it.
+    """
     d = MODELS[model]
     n_rows, n_tokens = SHAPES[shape]
     max_rank = max(RANKS)
@@ -160,6 +173,10 @@ def bench_group(plan, device, dtype, dtype_name, model, shape, adapters) -> list
     print(f"{label}: timing {len(calls)} calls ...", flush=True)
     started = time.perf_counter()
     with torch.inference_mode():
+        timing = {key: device.type for key in calls}
+        if graphs:
+            for key, fn in calls.items():
+                calls[key], timing[key] = as_graph_replay(fn)
         samples = measure(calls, plan, device, shape)
     elapsed = time.perf_counter() - started
 
@@ -171,10 +188,12 @@ def bench_group(plan, device, dtype, dtype_name, model, shape, adapters) -> list
     for r in plan.ranks:
         ratios = []
         for method in METHODS:
-            ts = [t * 1e3 for t in samples[(method, None if method in RANKLESS else r)]]
+            key = (method, None if method in RANKLESS else r)
+            ts = [t * 1e3 for t in samples[key]]
             p10, p90 = percentiles(ts)
             rows.append(dict(
-                device=device.type, dtype=dtype_name, model=model, d=d, shape=shape,
+                device=device.type, dtype=dtype_name, timing=timing[key], model=model, d=d,
+                shape=shape,
                 tokens=n_rows * n_tokens, adapters=adapters, rank=r, method=method,
                 median_ms=round(statistics.median(ts), 4), p10_ms=round(p10, 4),
                 p90_ms=round(p90, 4), ratio_vs_base=round(statistics.median(ts) / base_ms, 4),
@@ -182,6 +201,29 @@ def bench_group(plan, device, dtype, dtype_name, model, shape, adapters) -> list
             ratios.append(f"{method} {rows[-1]['ratio_vs_base']:.3f}")
         print(f"  {label} rank={r}: " + "  ".join(ratios[1:]), flush=True)
     return rows
+
+
+def as_graph_replay(fn):
+    """`(replay, "cuda_graph")` for a CUDA graph captured from `fn`, or `(fn, "eager")`.
+
+    Warm-up runs on a side stream first, as capture requires (cuBLAS workspaces, allocator).
+    The graph keeps its output buffer alive, so replays allocate nothing.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:  # e.g. an op that syncs with the host
+        print(f"  not capturable, timed eagerly: {str(err).splitlines()[0]}", flush=True)
+        torch.cuda.synchronize()
+        return fn, "eager"
+    return graph.replay, "cuda_graph"
 
 
 def measure(calls, plan, device, shape) -> dict:
