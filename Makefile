@@ -6,10 +6,13 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test test-fast finetune serve stop bench-layers clean
+.PHONY: install system-packages test test-fast finetune serve stop bench-layers bench-serving clean
 
-$(STAMP): pyproject.toml Makefile
+# Order-only (after `|`): the system packages are checked on every run but never force a
+# reinstall of the virtualenv.
+$(STAMP): pyproject.toml Makefile | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip<26.2" setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
@@ -20,6 +23,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The embedded speech corpus is spoken by espeak-ng, which pip cannot install. A fresh machine's
+# package lists may be empty, hence the update and second try. Without apt (or rights to use
+# it) everything else still installs: the speech corpus then says how to get espeak-ng.
+system-packages:
+	@command -v espeak-ng >/dev/null || { \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng || \
+		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng; } || \
+		echo "WARNING: could not install espeak-ng (the speech corpus needs it): apt-get install espeak-ng"; }
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -43,6 +55,11 @@ stop:
 
 bench-layers: $(STAMP)
 	$(PY) jobs/bench_layers.py
+
+# Throughput and latency vs rank on every model shape scaled down (CPU); on a GPU:
+# make bench-serving ARGS='--preset gpu --device cuda'
+bench-serving: $(STAMP)
+	$(PY) jobs/bench_serving.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

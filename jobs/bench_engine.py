@@ -4,11 +4,8 @@
     ray job submit --working-dir . -- python jobs/bench_engine.py --device cuda --scale 1
 
 Workload: `--requests` (64) requests, all arriving at once, with prompt and output lengths
-drawn like the vLLM ShareGPT benchmark. Length model (no download): ShareGPT's lengths are
-long-tailed with means of about 161 prompt and 338 output tokens (vLLM paper, LLaMA tokenizer);
-we draw each from a lognormal with that mean (sigma 1.0 for prompts, 0.8 for outputs), apply
-vLLM's filter (4 <= prompt <= 1024, output >= 4, prompt + output <= 2048), then multiply by
-`--scale` (0.25 on CPU, so one run takes seconds) and clip to at least 4 tokens. Every request
+drawn like the vLLM ShareGPT benchmark (`flora.engine.workload`: no download), multiplied by
+`--scale` (0.25 on CPU, so one run takes seconds) and clipped to at least 4 tokens. Every request
 generates exactly its output length (end-of-sequence ignored, as vLLM's benchmark does).
 
 Model: a small gpt_bigcode (StarCoder architecture) built from a config with random weights:
@@ -36,7 +33,6 @@ import argparse
 import copy
 import csv
 import logging
-import math
 import statistics
 import sys
 import time
@@ -50,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import flora  # noqa: E402
 from flora.engine import Engine, EngineConfig, Request  # noqa: E402
+from flora.engine.workload import sharegpt_like_lengths  # noqa: E402
 
 ADAPTERS = 64
 METHODS = ("engine_base", "engine_flora_r1", "engine_lora_r8", "peft_lora_r8", "hf_static_base")
@@ -83,7 +80,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
 
-    lengths = sharegpt_like_lengths(args.requests, args.scale, args.seed)
+    lengths = sharegpt_like_lengths(args.requests, scale=args.scale, seed=args.seed)
     base = build_model(args.device, args.seed)
     prompts = [torch.randint(0, base.config.vocab_size, (p,), generator=torch.Generator().manual_seed(i)).tolist()
                for i, (p, _) in enumerate(lengths)]
@@ -119,22 +116,7 @@ def main() -> None:
     report(rows, tokens)
 
 
-# --------------------------------------------------------------------------- workload
-
-
-def sharegpt_like_lengths(n: int, scale: float, seed: int) -> list[tuple[int, int]]:
-    """(prompt, output) token counts: lognormals with ShareGPT's means, vLLM's filter, scaled."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    while len(out) < n:
-        p, o = (int(math.exp(_normal(gen) * s + math.log(mean) - s * s / 2)) for mean, s in ((161, 1.0), (338, 0.8)))
-        if 4 <= p <= 1024 and o >= 4 and p + o <= 2048:
-            out.append((max(4, round(p * scale)), max(4, round(o * scale))))
-    return out
-
-
-def _normal(gen: torch.Generator) -> float:
-    return float(torch.randn((), generator=gen))
+# --------------------------------------------------------------------------- model and adapters
 
 
 def build_model(device: str, seed: int) -> GPTBigCodeForCausalLM:

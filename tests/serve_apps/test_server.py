@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -256,3 +259,16 @@ def test_metrics_reach_rays_prometheus_endpoint(endpoint, assets):
         raise AssertionError(f"missing {missing}; flora metrics seen: {names}") from None
     per_adapter = [line for line in text.splitlines() if line.startswith("ray_flora_requests_total") and 'model="flora_r2"' in line]
     assert per_adapter and any('status="200"' in line for line in per_adapter)
+
+
+def test_the_serving_benchmark_runs_against_the_endpoint(endpoint, assets):
+    # `jobs/bench_serving.py --url`: the ShareGPT-like workload over HTTP, adapters cycled.
+    script = Path(__file__).resolve().parents[2] / "jobs" / "bench_serving.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--url", endpoint["url"], "--adapters", "flora_r2,lora_r4,ia3",
+         "--api-key", API_KEY, "--preset", "smoke", "--requests", "6", "--concurrency", "2", "--rate", "20"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "6/6 ok" in done.stdout and "tokens/s" in done.stdout
+    assert_still_serving(endpoint, assets)
