@@ -56,11 +56,9 @@ import csv
 import dataclasses
 import gc
 import logging
-import math
 import os
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -84,22 +84,31 @@ def ensure_embedded_base(
     _check_settings(docs, settings)
     key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "settings": settings, "corpus": corpus_digest(docs)}, sort_keys=True).encode())
     target = Path(cache_dir).expanduser() / f"embedded-gpt_bigcode-{key.hexdigest()[:16]}"
-    if is_complete(target):
-        logger.info("embedded base model: cached at %s", target)
+    return build_once(target, lambda tmp: _build(tmp, docs, settings, progress), is_complete, "embedded base model")
+
+
+def build_once(target: Path, build: Callable[[Path], None], complete: Callable[[Path], bool], label: str) -> Path:
+    """`target`, made by `build(directory)` unless `complete(target)` already holds.
+
+    The build writes into a temporary sibling that is renamed into place when whole, so readers
+    (and concurrent builders) see nothing or everything; an incomplete `target` is rebuilt.
+    """
+    if complete(target):
+        logger.info("%s: cached at %s", label, target)
         return target
     if target.exists():
-        logger.warning("embedded base model: %s is incomplete; rebuilding it", target)
+        logger.warning("%s: %s is incomplete; rebuilding it", label, target)
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _build(tmp, docs, settings, progress)
+        build(tmp)
         try:
-            os.rename(tmp, target)  # atomic on one filesystem: readers see nothing or everything
+            os.rename(tmp, target)  # atomic on one filesystem
         except OSError:
-            if not is_complete(target):  # not a concurrent builder that finished first
+            if not complete(target):  # not a concurrent builder that finished first
                 raise
-            logger.info("embedded base model: another process built %s first; using it", target)
+            logger.info("%s: another process built %s first; using it", label, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -11,7 +11,7 @@ import pytest
 import flora
 from flora_platform import tracking
 from flora_platform.base_model import load_base
-from flora_platform.config import ConfigError, FinetuneConfig, load_config
+from flora_platform.config import FinetuneConfig, load_config
 
 from .conftest import load_job, tiny_job_overrides
 

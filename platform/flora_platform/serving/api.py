@@ -211,7 +211,6 @@ async def _sse(service, run: Run, builders, cid, params, chat, deadline, rid, ta
     """Server-sent events: one chunk per token with new text, a last chunk per choice with its
     finish reason, optionally a usage chunk, then [DONE]. An error after the first byte can no
     longer change the status: it is sent as an error event before [DONE]."""
-    s = params.sampling
     status = 200
     try:
         if chat:

@@ -21,10 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +38,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from flora_platform.base_model import EOS_TOKEN, PAD_TOKEN, corpus_digest, train_tokenizer
+from flora_platform.base_model import EOS_TOKEN, PAD_TOKEN, build_once, corpus_digest, train_tokenizer
 from flora_platform.data import looks_like_path
 from flora_platform.speech.audio import MAX_SECONDS, TARGET_RATE
 from flora_platform.speech.corpus import SpeechExample
@@ -118,25 +115,7 @@ def ensure_embedded_whisper(
         sort_keys=True,
     ).encode())
     target = Path(cache_dir).expanduser() / f"embedded-whisper-{key.hexdigest()[:16]}"
-    if is_complete(target):
-        logger.info("embedded whisper: cached at %s", target)
-        return target
-    if target.exists():
-        logger.warning("embedded whisper: %s is incomplete; rebuilding it", target)
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _build(tmp, sentences_by_locale, settings)
-        try:
-            os.rename(tmp, target)  # atomic on one filesystem: readers see nothing or everything
-        except OSError:
-            if not is_complete(target):  # not a concurrent builder that finished first
-                raise
-            logger.info("embedded whisper: another process built %s first; using it", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, lambda tmp: _build(tmp, sentences_by_locale, settings), is_complete, "embedded whisper")
 
 
 def is_complete(path: Path) -> bool:
