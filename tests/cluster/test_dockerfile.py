@@ -103,3 +103,16 @@ def test_build_context_leaves_out_local_environments():
     ignored = (REPO / "cluster/Dockerfile.dockerignore").read_text().split()
     for path in (".venv", ".git", "runs", "mlruns"):
         assert path in ignored, f"{path} would be copied into the image"
+
+
+def test_the_image_has_the_makefiles_system_packages():
+    text = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^system-packages:.*\n((?:\t.*\n)+)", text, re.M).group(1)
+    wanted = set(re.findall(r"apt-get install -y ([\w.+-]+)", recipe))
+    assert wanted, "the Makefile's system-packages recipe installs nothing with apt-get"
+    args, commands = docker_steps()
+    installed = set()
+    for c in commands:
+        if c.cmd == "RUN" and "apt-get install" in c.value[0]:
+            installed |= set(expand(c.value[0], args).split())
+    assert wanted <= installed, f"the image lacks {sorted(wanted - installed)}"
