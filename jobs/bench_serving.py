@@ -3,7 +3,7 @@
     python jobs/bench_serving.py                                  # --preset cpu: minutes on a CPU
     python jobs/bench_serving.py --preset gpu --device cuda       # real StarCoder-1B/3B shapes, fp16
     python jobs/bench_serving.py --preset smoke                   # seconds (the test's)
-    python jobs/bench_serving.py --url http://127.0.0.1:8000 --adapters a,b,c   # a deployed endpoint
+    python jobs/bench_serving.py --url http://127.0.0.1:8000 --adapters a,b,c --scale 1 --rate 8   # an endpoint
     ray job submit --working-dir . -- python jobs/bench_serving.py --preset gpu --device cuda
 
 Workload: 1,000 requests with ShareGPT-like prompt and output lengths between 50 and 2,000
