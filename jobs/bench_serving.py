@@ -186,7 +186,10 @@ def select(preset: Preset, args, parser) -> tuple[Preset, tuple[str, ...]]:
         models = tuple(args.models.split(","))
         if set(models) - set(MODELS):
             parser.error(f"--models: unknown {sorted(set(models) - set(MODELS))}; choose from {list(MODELS)}")
-    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else preset.ranks
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else preset.ranks
+    except ValueError:
+        parser.error(f"--ranks: expected comma-separated integers, got {args.ranks!r}")
     if any(r < 1 for r in ranks):
         parser.error("--ranks: every rank must be >= 1")
     latency = tuple(
