@@ -294,6 +294,18 @@ class TrialTracker(ray.tune.Callback):
     def __init__(self, config: dict, parent_run_id: str):
         self.config, self.parent_run_id = config, parent_run_id
         self._releases: list[tuple[float, str]] = []  # (when, placement group) of ended trials
+        # Every worker placement group any trial reported: a trial whose Ray Train run restarted
+        # reports a new one, and the earlier one must go too when the search ends.
+        self._groups: set[str] = set()
+
+    def __setstate__(self, state):
+        # A search saved before `_groups` existed resumes too.
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_groups", set())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(PLACEMENT_GROUP_KEY):
+            self._groups.add(result[PLACEMENT_GROUP_KEY])
 
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
@@ -304,10 +316,14 @@ class TrialTracker(ray.tune.Callback):
     def on_experiment_end(self, trials, **info):
         # Every trial actor is gone now, interrupted ones included. (The group of a trial stopped
         # before its first report is unknown here; it goes when the search's driver exits.)
+        groups = set(self._groups)
         for trial in trials:
             if (trial.last_result or {}).get(PLACEMENT_GROUP_KEY):
-                release_placement_group(trial.last_result[PLACEMENT_GROUP_KEY])
+                groups.add(trial.last_result[PLACEMENT_GROUP_KEY])
+        for group in sorted(groups):
+            release_placement_group(group)
         self._releases.clear()
+        self._groups.clear()
 
     def _release_later(self, trial) -> None:
         group = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)

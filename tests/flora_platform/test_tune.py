@@ -47,12 +47,21 @@ def children_of(client, parent_run_id: str) -> list:
     return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
-def assert_no_placement_group_held():
-    """Every trial's Ray Train placement group is gone, also those of trials Tune stopped."""
+def assert_no_placement_group_held(within_s: float = 30.0):
+    """Every trial's Ray Train placement group is gone, also those of trials Tune stopped.
+
+    Removal is asynchronous (the GCS frees the bundles after `remove_placement_group` returns),
+    so a group may read as held for a moment on a loaded machine; a leaked one stays held.
+    """
     from ray.util import placement_group_table
 
-    held = [pg["placement_group_id"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
-    assert not held
+    deadline = time.monotonic() + within_s
+    while True:
+        held = {pg["placement_group_id"]: pg["state"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"}
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not held, f"placement groups still held {within_s:g} s after the search ended: {held}"
 
 
 def search_run(client, name: str):
