@@ -11,7 +11,6 @@ relative change over the base model), logged to the evaluation's MLflow run.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import math
@@ -20,10 +19,11 @@ import time
 from pathlib import Path
 
 from flora_platform import tracking
-from flora_platform.config import AdapterSpec, ConfigError, FinetuneConfig, RunConfig, TrackingConfig, load_config
+from flora_platform.config import AdapterSpec, ConfigError, FinetuneConfig, RunConfig, TrackingConfig
 from flora_platform.evaluation.config import CompareConfig, EvalRunConfig, EvalTrackingConfig, EvaluateConfig, PerplexityConfig
 from flora_platform.evaluation.registry import metric_key
 from flora_platform.evaluation.report import method_table
+from flora_platform.job_cli import job_main, mlflow_ui_hint
 
 log = logging.getLogger("compare_methods")
 
@@ -34,13 +34,6 @@ def load_sibling_job(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see jobs/configs/)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=400")
-    return parser.parse_args(argv)
 
 
 def whole_module_targets(model_name: str) -> tuple[str, ...]:
@@ -138,24 +131,18 @@ def run(cfg: CompareConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    started = time.monotonic()
-    try:
-        cfg = load_config(CompareConfig, args.config, args.overrides)
-        out = run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    return job_main(argv, __doc__, CompareConfig, run, report, example="train.steps=400")
+
+
+def report(cfg: CompareConfig, out: dict, seconds: float) -> None:
     ev = out["evaluation"]
-    print(f"\nFLoRA vs IA3 vs LoRA ({time.monotonic() - started:.0f} s; base model {ev['base_path']}):\n")
+    print(f"\nFLoRA vs IA3 vs LoRA ({seconds:.0f} s; base model {ev['base_path']}):\n")
     print(out["table"])
     for lang, reason in ev["unavailable"].items():
         print(f"  not evaluated: {lang}: {reason}")
     print(f"\nSandbox: {ev['isolation']}")
     print(f"MLflow: evaluation run {ev['run_id']}, training runs {out['training_runs']} in {cfg.tracking_uri}")
-    print(f"  open the UI: mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000")
-    return 0
+    print(mlflow_ui_hint(cfg.tracking_uri))
 
 
 if __name__ == "__main__":

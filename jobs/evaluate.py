@@ -13,18 +13,16 @@ optionally an alias moved to the best version.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import ray
 from transformers import AutoTokenizer
 
-from flora_platform.config import ConfigError, flat_params, load_config
+from flora_platform.config import ConfigError, flat_params
 from flora_platform.data import load_documents, split_documents
 from flora_platform.evaluation import registry
 from flora_platform.evaluation.adapters import BASE_LABEL, resolve_adapters, resolve_base, warn_on_data_mismatch
@@ -34,15 +32,9 @@ from flora_platform.evaluation.perplexity import heldout_blocks
 from flora_platform.evaluation.problems import load_problems
 from flora_platform.evaluation.report import model_table, score_rows
 from flora_platform.evaluation.worker import score_models
+from flora_platform.job_cli import job_main, mlflow_ui_hint
 
 log = logging.getLogger("evaluate")
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see jobs/configs/)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. sampling.n_samples=100")
-    return parser.parse_args(argv)
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -122,16 +114,11 @@ def _needs_embedded(cfg: EvaluateConfig) -> bool:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    started = time.monotonic()
-    try:
-        cfg = load_config(EvaluateConfig, args.config, args.overrides)
-        out = run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    print(f"\npass@k (percent) and held-out perplexity per model and language ({time.monotonic() - started:.0f} s):")
+    return job_main(argv, __doc__, EvaluateConfig, run, report, example="sampling.n_samples=100")
+
+
+def report(cfg: EvaluateConfig, out: dict, seconds: float) -> None:
+    print(f"\npass@k (percent) and held-out perplexity per model and language ({seconds:.0f} s):")
     print(out["table"])
     for lang, reason in out["unavailable"].items():
         print(f"  not evaluated: {lang}: {reason}")
@@ -139,8 +126,7 @@ def main(argv=None) -> int:
     for name, version in out["promoted"].items():
         print(f"  {name}@{cfg.promote.alias} -> version {version}")
     print(f"MLflow evaluation run {out['run_id']} in {cfg.tracking_uri}")
-    print(f"  open the UI: mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000")
-    return 0
+    print(mlflow_ui_hint(cfg.tracking_uri))
 
 
 if __name__ == "__main__":

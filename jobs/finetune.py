@@ -9,7 +9,6 @@ adapters logged and registered → per-language table of held-out perplexity, ba
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -17,18 +16,12 @@ import ray
 
 from flora_platform import checkpoint as ckpt
 from flora_platform import tracking
-from flora_platform.config import ConfigError, FinetuneConfig, flat_params, load_config, to_dict
+from flora_platform.config import FinetuneConfig, flat_params, to_dict
+from flora_platform.job_cli import job_main, mlflow_ui_hint
 from flora_platform.prepare import prepare_job
 from flora_platform.train import adapter_names, build_trainer
 
 log = logging.getLogger("finetune")
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see jobs/configs/)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. adapter.rank=2")
-    return parser.parse_args(argv)
 
 
 def perplexity_table(metrics: dict, languages: list[str]) -> tuple[list[dict], str]:
@@ -81,22 +74,17 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        cfg = load_config(FinetuneConfig, args.config, args.overrides)
-        out = run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    return job_main(argv, __doc__, FinetuneConfig, run, report, example="adapter.rank=2")
+
+
+def report(cfg: FinetuneConfig, out: dict, seconds: float) -> None:
     print("\nHeld-out perplexity per language (base model vs its adapter):")
     print(out["table"])
     print("\nAdapters:")
     for name, uri in out["adapter_uris"].items():
         print(f"  {name}: {uri}")
     print(f"\nMLflow run {out['run_id']} in {cfg.tracking_uri}")
-    print(f"  open the UI: mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000")
-    return 0
+    print(mlflow_ui_hint(cfg.tracking_uri))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ unfinished ones continue from their last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -20,7 +19,8 @@ import ray
 
 from flora_platform import tracking
 from flora_platform import tune as search
-from flora_platform.config import ConfigError, load_config, to_dict
+from flora_platform.config import to_dict
+from flora_platform.job_cli import job_main, mlflow_ui_hint
 from flora_platform.prepare import prepare_job
 from flora_platform.search_config import SearchJobConfig
 from flora_platform.search_results import (
@@ -40,13 +40,6 @@ from flora_platform.search_results import (
 from flora_platform.train import adapter_names
 
 log = logging.getLogger("tune")
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see jobs/configs/tune*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.ranks=[1,4]")
-    return parser.parse_args(argv)
 
 
 def run(cfg: SearchJobConfig) -> dict:
@@ -93,20 +86,11 @@ def run(cfg: SearchJobConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        cfg = load_config(SearchJobConfig, args.config, args.overrides)
-        out = run(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except SearchFailed as err:
-        print(f"search failed: {err}", file=sys.stderr)
-        return 1
-    except SearchInterrupted as err:
-        print(str(err), file=sys.stderr)
-        return 130
+    return job_main(argv, __doc__, SearchJobConfig, run, report, example="search.ranks=[1,4]",
+                    exit_codes={SearchFailed: (1, "search failed: "), SearchInterrupted: (130, "")})
+
+
+def report(cfg: SearchJobConfig, out: dict, seconds: float) -> None:
     counts = {s: sum(o.status == s for o in out["outcomes"]) for s in ("finished", "stopped_early", "failed")}
     print(f"\nSearch {cfg.run.name}: {len(out['outcomes'])} trials, " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     print(out["table"])
@@ -115,8 +99,7 @@ def main(argv=None) -> int:
     for name, uri in out["adapter_uris"].items():
         print(f"  {name}: {uri}")
     print(f"\nMLflow parent run {out['run_id']} in {cfg.tracking_uri}")
-    print(f"  open the UI: mlflow ui --backend-store-uri {cfg.tracking_uri} --host 127.0.0.1 --port 5000")
-    return 0
+    print(mlflow_ui_hint(cfg.tracking_uri))
 
 
 if __name__ == "__main__":

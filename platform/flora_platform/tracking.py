@@ -40,10 +40,17 @@ def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str, param
         log.info("continuing MLflow run %s", run_id)
         return run_id
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
-    run_id = run.info.run_id
-    for key, value in params.items():
-        client.log_param(run_id, key, str(value)[:6000])
-    return run_id
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """All `params` in batches (one request each, not one per parameter), values cut to MLflow's limit."""
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[start:start + 100])
 
 
 def experiment_id_for(tracking_uri: str, experiment: str) -> str:

@@ -267,14 +267,8 @@ def open_trial_run(cfg: SearchJobConfig, parent_run_id: str, trial_id: str, para
               "rank": str(trial_cfg.adapter.rank), tracking.RUN_NAME_TAG: child_run_name(cfg, trial_id)},
     )
     flat = {**flat_params(trial_cfg), **{f"search.{k}": str(v) for k, v in params.items()}}
-    client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flat.items()])
+    tracking.log_params(client, run.info.run_id, flat)
     return run.info.run_id
-
-
-def _param(key: str, value: str):
-    from mlflow.entities import Param
-
-    return Param(key, str(value)[:6000])
 
 
 def close_trial_run(tracking_uri: str, run_id: str, status: str, error: str = "") -> None:
