@@ -48,3 +48,13 @@ def test_smoke_preset_measures_every_configuration(tmp_path):
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert (tmp_path / "serving_cpu.md").read_text() == report
+
+
+def test_bad_arguments_are_usage_errors_naming_the_flag(tmp_path):
+    for args, flag in ((["--ranks", "1,x"], "--ranks"), (["--ranks", "0"], "--ranks"),
+                       (["--methods", "flora,foo"], "--methods"), (["--models", "gpt-5"], "--models"),
+                       (["--modes", "fast"], "--modes")):
+        done = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and flag in done.stderr, (args, done.stderr)
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
