@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages test test-fast finetune serve stop bench-layers bench-serving clean
+.PHONY: install system-packages test test-fast finetune finetune-speech compare-speech serve serve-speech stop bench-layers bench-serving clean
 
 # Order-only (after `|`): the system packages are checked on every run but never force a
 # reinstall of the virtualenv.
@@ -44,11 +44,23 @@ test-fast: $(STAMP)
 finetune: $(STAMP)
 	cluster/local/submit.sh jobs/finetune.py --config jobs/configs/default.yaml $(ARGS)
 
+# Speech: a FLoRA adapter per language for the embedded Whisper, scored by held-out WER; then
+# the paper's Table 2 (FLoRA vs IA3 vs LoRA). Both need espeak-ng (make install sets it up).
+finetune-speech: $(STAMP)
+	cluster/local/submit.sh jobs/finetune.py --config jobs/configs/speech.yaml $(ARGS)
+
+compare-speech: $(STAMP)
+	cluster/local/submit.sh jobs/compare_methods.py --config jobs/configs/compare_speech.yaml $(ARGS)
+
 # The endpoint on the local cluster (the embedded base + the adapters `make finetune` registered),
 # then one request per adapter, all at once. Other config: make serve SERVE_CONFIG=serve_apps/x.yaml
 serve: $(STAMP)
 	cluster/local/serve.sh $(SERVE_CONFIG)
 	$(PY) serve_apps/ask.py --url http://127.0.0.1:$${FLORA_SERVE_PORT:-8000}
+
+# POST /v1/audio/transcriptions for the embedded Whisper and the adapters `make finetune-speech` registered.
+serve-speech: $(STAMP)
+	cluster/local/serve.sh serve_apps/speech.yaml
 
 stop:
 	cluster/local/stop.sh

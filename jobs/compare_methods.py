@@ -1,6 +1,11 @@
-"""Compare FLoRA, IA3 and LoRA as the paper's Table 1 does: fine-tune each on the same data and budget, then evaluate.
+"""Compare FLoRA, IA3 and LoRA as the paper's Tables 1 and 2 do: fine-tune each on the same data and budget, then evaluate.
 
     ray job submit --working-dir . -- python jobs/compare_methods.py --config jobs/configs/compare_methods.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/compare_methods.py --config jobs/configs/compare_speech.yaml
+
+Speech (task=speech, Table 2): each method's fine-tuning run scores held-out WER of the base
+Whisper and of its adapters; the table (WER per language, unnormalised as the paper, and
+normalised) goes to a comparison run in MLflow beside the training runs.
 
 Recipe: config → one fine-tuning run per method (jobs/finetune.py: one adapter per language,
 registered as versions of `<prefix>-<language>`) → one evaluation of the base model and every
@@ -36,13 +41,13 @@ def load_sibling_job(name: str):
     return module
 
 
-def whole_module_targets(model_name: str) -> tuple[str, ...]:
+def whole_module_targets(model_name: str, task: str = "text") -> tuple[str, ...]:
     """The architecture's FLoRA preset over whole modules (gpt_bigcode: all of c_attn rather than
     its q,k columns), so that FLoRA and LoRA share adapter banks with PEFT's IA3 preset."""
     import flora
 
     if model_name == "embedded":
-        model_type = "gpt_bigcode"
+        model_type = "whisper" if task == "speech" else "gpt_bigcode"
     else:
         from transformers import AutoConfig
 
@@ -57,9 +62,9 @@ def whole_module_targets(model_name: str) -> tuple[str, ...]:
 
 def finetune_config(cfg: CompareConfig, method: str, run_name: str) -> FinetuneConfig:
     """The fine-tuning job of one method: everything but the adapter kind is shared."""
-    targets = () if method == "ia3" else (cfg.adapter.targets or whole_module_targets(cfg.model.name))
+    targets = () if method == "ia3" else (cfg.adapter.targets or whole_module_targets(cfg.model.name, cfg.task))
     return FinetuneConfig(
-        model=cfg.model, data=cfg.data,
+        task=cfg.task, model=cfg.model, data=cfg.data, speech=cfg.speech,
         adapter=AdapterSpec(kind=method, rank=cfg.adapter.rank, targets=targets, per_language=True),
         train=cfg.train, scaling=cfg.scaling,
         tracking=TrackingConfig(
@@ -101,10 +106,53 @@ def comparison_tables(cfg: CompareConfig, rows: list[dict], labels: dict[str, tu
     return {"pass@1": pass1, "perplexity": ppl}, table
 
 
+def wer_tables(cfg: CompareConfig, finals: dict[str, dict], languages: list[str]) -> tuple[dict, str]:
+    """Table 2 layout from each method's final training metrics: WER in percent per language,
+    unnormalised (the paper's) and normalised. The base model's WER is the same in every run
+    (same base, same held-out clips); it is taken from the first."""
+    values, tables = {}, []
+    for kind, title in (("wer", "WER % (unnormalised, as the paper; relative change vs base)"),
+                        ("normalised_wer", "WER % (normalised: lower case, no punctuation)")):
+        by_key = {}
+        first = finals[cfg.methods[0]]
+        for lang in languages:
+            by_key[("base", lang)] = 100.0 * first[f"base_eval_{kind}/{lang}"]
+            for method in cfg.methods:
+                by_key[(method, lang)] = 100.0 * finals[method][f"eval_{kind}/{lang}"]
+        values[kind] = by_key
+        tables.append(method_table(by_key, list(cfg.methods), languages, percent=False, title=title))
+    return values, "\n\n".join(tables)
+
+
+def run_speech(cfg: CompareConfig, finetune, stamp: str) -> dict:
+    """Table 2: fine-tune every method on the speech data; their runs hold the WER figures."""
+    finals, training, languages = {}, {}, []
+    for method in cfg.methods:
+        run_name = f"{cfg.run.name}-{stamp}-{method}"
+        log.info("fine-tuning %s (%d/%d): run %s", method, len(training) + 1, len(cfg.methods), run_name)
+        out = finetune.run(finetune_config(cfg, method, run_name))
+        finals[method], training[method] = out["metrics"], out["run_id"]
+        languages = [row["language"] for row in out["rows"]]
+    values, table = wer_tables(cfg, finals, languages)
+    client = tracking.client_for(cfg.tracking_uri)
+    experiment = tracking.experiment_id_for(cfg.tracking_uri, cfg.tracking.experiment)
+    run_id = client.create_run(experiment, run_name=f"{cfg.run.name}-{stamp}", tags={"task": "speech"}).info.run_id
+    client.log_text(run_id, table + "\n", "comparison.md")
+    for kind, by_key in values.items():
+        for (method, lang), value in by_key.items():
+            client.log_metric(run_id, f"{kind}/{lang}/{method}", value)
+    for method, training_id in training.items():
+        client.set_tag(run_id, f"flora.training_run_id.{method}", training_id)
+    client.set_terminated(run_id)
+    return {"table": table, "values": values, "evaluation": None, "run_id": run_id, "training_runs": training}
+
+
 def run(cfg: CompareConfig) -> dict:
     """Fine-tune every method, evaluate them together, return the tables and where they went."""
     finetune, evaluate = load_sibling_job("finetune"), load_sibling_job("evaluate")
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if cfg.task == "speech":
+        return run_speech(cfg, finetune, stamp)
     specs, labels_of_source, training = [], {}, {}
     for method in cfg.methods:
         run_name = f"{cfg.run.name}-{stamp}-{method}"
@@ -136,6 +184,12 @@ def main(argv=None) -> int:
 
 def report(cfg: CompareConfig, out: dict, seconds: float) -> None:
     ev = out["evaluation"]
+    if ev is None:  # speech: the training runs scored WER
+        print(f"\nFLoRA vs IA3 vs LoRA on speech ({seconds:.0f} s): held-out word error rate per language\n")
+        print(out["table"])
+        print(f"\nMLflow: comparison run {out['run_id']}, training runs {out['training_runs']} in {cfg.tracking_uri}")
+        print(mlflow_ui_hint(cfg.tracking_uri))
+        return
     print(f"\nFLoRA vs IA3 vs LoRA ({seconds:.0f} s; base model {ev['base_path']}):\n")
     print(out["table"])
     for lang, reason in ev["unavailable"].items():

@@ -18,7 +18,7 @@ from flora_platform import checkpoint as ckpt
 from flora_platform import tracking
 from flora_platform.config import FinetuneConfig, flat_params, to_dict
 from flora_platform.job_cli import job_main, mlflow_ui_hint
-from flora_platform.prepare import prepare_job
+from flora_platform.prepare import prepare_for_task
 from flora_platform.train import adapter_names, build_trainer
 
 log = logging.getLogger("finetune")
@@ -35,22 +35,37 @@ def perplexity_table(metrics: dict, languages: list[str]) -> tuple[list[dict], s
     return rows, "\n".join(lines)
 
 
+def wer_table(metrics: dict, languages: list[str]) -> tuple[list[dict], str]:
+    """Held-out WER in percent per language, base vs adapted, unnormalised (as the paper) and normalised."""
+    rows = []
+    for lang in languages:
+        row = {"language": lang}
+        for kind in ("wer", "normalised_wer"):
+            row[f"base_{kind}"] = 100.0 * metrics[f"base_eval_{kind}/{lang}"]
+            row[f"adapted_{kind}"] = 100.0 * metrics[f"eval_{kind}/{lang}"]
+        rows.append(row)
+    lines = ["| language | base WER | adapted WER | base WER (normalised) | adapted WER (normalised) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['language']} | {r['base_wer']:.2f} | {r['adapted_wer']:.2f} | {r['base_normalised_wer']:.2f} "
+              f"| {r['adapted_normalised_wer']:.2f} |" for r in rows]
+    return rows, "\n".join(lines)
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Run the job end to end; returns the final metrics, adapter URIs and the MLflow run id."""
-    job = prepare_job(cfg)
+    job = prepare_for_task(cfg)
     names = adapter_names(cfg, job.languages)
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     run_id = tracking.start_or_resume_run(
         cfg.tracking_uri, cfg.tracking.experiment, cfg.run.name, flat_params(cfg),
         tags={"base_model": job.base_path if cfg.model.name == "embedded" else cfg.model.name,
-              "adapter_kind": cfg.adapter.kind, "rank": str(cfg.adapter.rank)},
+              "adapter_kind": cfg.adapter.kind, "rank": str(cfg.adapter.rank), "task": cfg.task},
     )
     log.info("MLflow run %s at %s", run_id, cfg.tracking_uri)
     loop_config = {
         "config": to_dict(cfg),
         "base_path": job.base_path,
-        "train_blocks": ray.put(job.train_blocks),
-        "eval_blocks": ray.put(job.eval_blocks),
+        **job.worker_data(),
         "tracking_uri": cfg.tracking_uri,
         "mlflow_run_id": run_id,
     }
@@ -62,9 +77,9 @@ def run(cfg: FinetuneConfig) -> dict:
                 cfg.tracking_uri, run_id, {n: ckpt.adapter_dir(directory, n) for n in names},
                 register=cfg.tracking.register, prefix=cfg.tracking.registered_model_prefix,
                 tags={"base_model": cfg.model.name, "kind": cfg.adapter.kind, "rank": str(cfg.adapter.rank),
-                      "run_name": cfg.run.name},
+                      "run_name": cfg.run.name, "task": cfg.task},
             )
-        rows, table = perplexity_table(metrics, job.languages)
+        rows, table = (wer_table if cfg.task == "speech" else perplexity_table)(metrics, job.languages)
         tracking.log_summary(cfg.tracking_uri, run_id, rows, table + "\n")
     except BaseException:
         tracking.finish_run(cfg.tracking_uri, run_id, ok=False)
@@ -78,7 +93,8 @@ def main(argv=None) -> int:
 
 
 def report(cfg: FinetuneConfig, out: dict, seconds: float) -> None:
-    print("\nHeld-out perplexity per language (base model vs its adapter):")
+    measure = "word error rate (%)" if cfg.task == "speech" else "perplexity"
+    print(f"\nHeld-out {measure} per language (base model vs its adapter):")
     print(out["table"])
     print("\nAdapters:")
     for name, uri in out["adapter_uris"].items():

@@ -21,7 +21,7 @@ from flora_platform import tracking
 from flora_platform import tune as search
 from flora_platform.config import to_dict
 from flora_platform.job_cli import job_main, mlflow_ui_hint
-from flora_platform.prepare import prepare_job
+from flora_platform.prepare import prepare_for_task
 from flora_platform.search_config import SearchJobConfig
 from flora_platform.search_results import (
     SearchFailed,
@@ -44,7 +44,7 @@ log = logging.getLogger("tune")
 
 def run(cfg: SearchJobConfig) -> dict:
     """Run (or resume) the search; returns outcomes, the best trial and URI per adapter, run ids."""
-    job = prepare_job(cfg)
+    job = prepare_for_task(cfg)
     search.check_search(cfg, job)
     names = adapter_names(cfg, job.languages)
     ray.init(ignore_reinit_error=True, log_to_driver=True)
@@ -55,8 +55,7 @@ def run(cfg: SearchJobConfig) -> dict:
     trial_job = {
         "config": to_dict(cfg),
         "base_path": job.base_path,
-        "train_blocks": ray.put(job.train_blocks),
-        "eval_blocks": ray.put(job.eval_blocks),
+        "data": job.worker_data(),
         "parent_run_id": parent_id,
     }
     tracker = search.TrialTracker(to_dict(cfg), parent_id)

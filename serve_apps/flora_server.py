@@ -4,6 +4,8 @@ FLoRA adapters into shared forward passes.
     serve run serve_apps/flora.yaml                   # the embedded base + adapters of `make finetune`
     serve deploy serve_apps/flora.yaml                # the same, onto a running cluster
     serve run serve_apps.flora_server:build_app model.max_slots=32 limits.max_tokens=256
+    serve run serve_apps/speech.yaml                  # Whisper + the adapters of the speech job:
+                                                      # POST /v1/audio/transcriptions
 
 Recipe: args → `ServeConfig` (errors name the field) → the base model resolved once, here (the
 embedded default is found in its cache, or built) and the registry fixed → one deployment; each
@@ -26,8 +28,9 @@ from ray.serve.config import BackpressureConfig
 from flora_platform.config import ConfigError, from_dict, to_dict
 from flora_platform.serving.api import build_http_app
 from flora_platform.serving.config import DeploymentSpec, ServeConfig, default_tracking_uri, parse_args, resolve_paths
-from flora_platform.serving.model import resolve_base
+from flora_platform.serving.model import is_speech_model, resolve_base
 from flora_platform.serving.service import CompletionService
+from flora_platform.serving.transcription import TranscriptionService
 from serve_apps.metrics import ReplicaMetrics
 
 log = logging.getLogger("ray.serve")
@@ -49,7 +52,8 @@ class FloraServer:
                 raise ConfigError("security.api_key_env", f"${cfg.security.api_key_env} is empty in the replica's environment")
         self.api_key = api_key
         self.metrics = ReplicaMetrics()
-        self.service = CompletionService(cfg, tracking_uri=tracking_uri, on_record=self.metrics.record)
+        service_class = TranscriptionService if is_speech_model(cfg.model.name) else CompletionService
+        self.service = service_class(cfg, tracking_uri=tracking_uri, on_record=self.metrics.record)
         self.metrics.start(self.service)
         await self.service.preload(cfg.adapters.preload)
 
@@ -60,7 +64,7 @@ class FloraServer:
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; a raise makes Serve replace the replica."""
         if not self.service.alive:
-            raise RuntimeError("the engine loop has stopped")
+            raise RuntimeError("the engine loop has stopped")  # or the transcriber's batch thread
 
     def __del__(self):
         self.metrics.stop()

@@ -29,7 +29,6 @@ decoding rows. The engine goes on in every case.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import threading
@@ -53,7 +52,7 @@ from flora.engine.request import (
 )
 from flora.engine.sampling import new_generator, sample_tokens, token_logprobs
 from flora.engine.scheduler import Admission, Scheduler, Sequence
-from flora.engine.slots import AdapterUnavailable, Loader, SlotManager
+from flora.engine.slots import AdapterUnavailable, Loader, SlotManager, route_rows
 
 log = logging.getLogger(__name__)
 
@@ -366,13 +365,8 @@ class Engine:
     def _forward(self, kv: BatchKV, chunks: list[list[int]], slots: list[int | None]) -> torch.Tensor:
         """Append `chunks[b]` to row b of `kv` under slot `slots[b]`; last-position logits [B, V]."""
         inputs = kv.prepare(chunks, self.dtype)
-        route = (
-            flora.route(self.banks, torch.tensor(slots, dtype=torch.long))
-            if self.banks is not None
-            else contextlib.nullcontext()
-        )
         try:
-            with torch.inference_mode(), route:
+            with torch.inference_mode(), route_rows(self.banks, slots):
                 out = self.model(**inputs, past_key_values=kv, use_cache=True, logits_to_keep=1)
         except BaseException:
             kv.abandon()

@@ -11,12 +11,16 @@ Everything but `check` runs on the engine thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
+import flora
 from flora.adapter import Adapter, load_adapter
 from flora.bank import BASE_NAME, BASE_SLOT, AdapterBanks
 from flora.engine.request import RequestRejected
@@ -25,6 +29,13 @@ from flora.engine.scheduler import Admission
 log = logging.getLogger(__name__)
 
 Loader = Callable[[str], Adapter]
+
+
+def route_rows(banks: AdapterBanks | None, slots: list[int]):
+    """The context in which a forward runs row b through slot `slots[b]` (a plain model: none)."""
+    if banks is None:
+        return contextlib.nullcontext()
+    return flora.route(banks, torch.tensor(slots, dtype=torch.long))
 
 
 class AdapterUnavailable(RuntimeError):

@@ -17,6 +17,7 @@ import yaml
 from flora_platform.data import CorpusConfig
 
 ADAPTER_KINDS = ("flora", "ia3", "lora")
+TASKS = ("text", "speech")  # causal code models on code corpora; Whisper on (audio, transcript) pairs
 # The paper's learning rates (appendix A): multiplicative adapters need larger steps.
 DEFAULT_LR = {"flora": 8e-3, "ia3": 5e-3, "lora": 1e-4}
 
@@ -43,9 +44,65 @@ class EmbeddedBaseConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddedWhisperConfig:
+    """The default speech model (task=speech): a tiny multilingual Whisper pre-trained on the
+    speech corpus's training split, all languages mixed, before any adapter sees it."""
+
+    vocab_size: int = 1024
+    d_model: int = 64
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    attention_heads: int = 4
+    ffn_dim: int = 256
+    max_target_positions: int = 48
+    window_seconds: int = 8  # the embedded corpus's clips are under 5 s; Whisper's own window is 30 s
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 2e-3
+    cache_dir: str = "~/.cache/flora/whisper"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "embedded"  # "embedded", a Hugging Face hub id, or a local directory
     embedded: EmbeddedBaseConfig = field(default_factory=EmbeddedBaseConfig)
+    embedded_whisper: EmbeddedWhisperConfig = field(default_factory=EmbeddedWhisperConfig)  # task=speech
+
+
+@dataclass(frozen=True)
+class SpeechConfig:
+    """task=speech: where the (audio, transcript, locale) examples come from, and speech-only settings.
+
+    source: "embedded" (sentences spoken by espeak-ng into corpus_dir, with a held-out split) or
+        a corpus directory / Common Voice-style .parquet or .tsv (see flora_platform.speech.corpus).
+    languages: locales to keep; () keeps every locale of the source.
+    per_language / held_out: the embedded corpus's training and test clips per language.
+    eval_fraction: held-out share per language for sources without a test split.
+    eval_examples: held-out clips per language scored during training (loss and WER).
+    max_label_tokens: transcript tokens per training example, prompt included (longer ones are cut).
+    max_new_tokens: the longest transcript greedy decoding produces when scoring WER.
+    """
+
+    source: str = "embedded"
+    languages: tuple[str, ...] = ()
+    per_language: int = 300
+    held_out: int = 40
+    corpus_dir: str = "~/.cache/flora/speech-corpus"
+    eval_fraction: float = 0.1
+    eval_examples: int = 40
+    max_label_tokens: int = 40
+    max_new_tokens: int = 40
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.languages, str):
+            raise ConfigError("speech.languages", f"must be a list of locales, got the string {self.languages!r}")
+        for name in ("per_language", "eval_examples", "max_label_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"speech.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.held_out < 0:
+            raise ConfigError("speech.held_out", f"must be >= 0, got {self.held_out}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError("speech.eval_fraction", f"must be between 0 and 1, got {self.eval_fraction}")
 
 
 @dataclass(frozen=True)
@@ -119,13 +176,19 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    task: str = "text"  # "text": code corpus (data); "speech": Whisper on audio (speech)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: CorpusConfig = field(default_factory=CorpusConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError("task", f"{self.task!r} is not one of {TASKS}")
 
     @property
     def lr(self) -> float:

@@ -27,6 +27,22 @@ class PreparedJob:
     train_blocks: dict[str, torch.Tensor]  # lang -> [n, seq_len]
     eval_blocks: dict[str, torch.Tensor]  # lang -> [m, seq_len]
 
+    def worker_data(self) -> dict:
+        """What the workers' task reads (`flora_platform.train.TextTask`), as object refs."""
+        import ray
+
+        return {"task": "text", "train_blocks": ray.put(self.train_blocks), "eval_blocks": ray.put(self.eval_blocks)}
+
+
+def prepare_for_task(cfg: FinetuneConfig):
+    """The prepared job of `cfg.task`: a `PreparedJob`, or a `PreparedSpeechJob` for task=speech.
+    Both have `base_path`, `languages` and `worker_data()`."""
+    if cfg.task == "speech":
+        from flora_platform.speech.prepare import prepare_speech_job
+
+        return prepare_speech_job(cfg)
+    return prepare_job(cfg)
+
 
 def prepare_job(cfg: FinetuneConfig) -> PreparedJob:
     try:
@@ -67,6 +83,11 @@ def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) ->
             n_layer=e.n_layer, n_head=e.n_head, n_positions=e.n_positions, pretrain_steps=e.pretrain_steps,
         )
         return str(path)
+    return resolve_model_name(name)
+
+
+def resolve_model_name(name: str) -> str:
+    """A model directory made absolute (checked to hold a model), or a hub id as given."""
     if looks_like_path(name) or Path(name).exists():
         path = Path(name).expanduser()
         if not (path / "config.json").exists():
@@ -77,7 +98,7 @@ def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) ->
 
 def check_targets(cfg: FinetuneConfig, base_path: str) -> None:
     """Inject into a weightless (meta-device) copy of the model to check targets and ranks."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, WhisperForConditionalGeneration
 
     from flora_platform.train import adapter_targets
 
@@ -85,8 +106,14 @@ def check_targets(cfg: FinetuneConfig, base_path: str) -> None:
         config = AutoConfig.from_pretrained(base_path)
     except (OSError, ValueError) as err:
         raise ConfigError("model.name", f"cannot load a model config from {base_path!r}: {err}") from err
+    speech = config.model_type == "whisper"
+    if speech != (cfg.task == "speech"):
+        raise ConfigError(
+            "task", f"{cfg.model.name!r} is a {config.model_type!r} model: task=speech takes Whisper models, "
+            "task=text causal language models"
+        )
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = WhisperForConditionalGeneration(config) if speech else AutoModelForCausalLM.from_config(config)
     try:
         targets, _ = adapter_targets(model, cfg.adapter)
         flora.inject(model, targets, max_slots=2, max_rank=cfg.adapter.rank)

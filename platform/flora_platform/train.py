@@ -83,7 +83,16 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
     return config
 
 
-# --------------------------------------------------------------------------- losses
+# --------------------------------------------------------------------------- tasks
+#
+# A task is what differs between model families; the worker loop below is shared. It has
+# `languages`, and:
+#   load_model(base_path)                      -> the base model (not yet on the device)
+#   batches(batch_size, seed, rank, world, s)  -> endless (inputs dict, languages of the rows)
+#   row_losses(model, inputs)                  -> ([B] summed token loss, [B] token count)
+#   eval_batches(lang, rank, world, batch_size)-> this worker's share of the held-out inputs
+#   score(model, route_names, rank, world, batch_size, device) -> extra held-out metrics
+#                                                 (all-reduced), e.g. {"wer/de": 0.31}
 
 
 def per_row_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -95,13 +104,57 @@ def per_row_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch
     return losses.view(b, l - 1).sum(1)
 
 
-def language_sums(row_losses: torch.Tensor, row_langs: list[str], languages: list[str], tokens_per_row: int):
+class TextTask:
+    """Causal code models on packed token blocks: next-token loss at every position."""
+
+    def __init__(self, loop_config: dict):
+        import ray
+
+        self.train_blocks = ray.get(loop_config["train_blocks"])  # lang -> [n, L]
+        self.eval_blocks = ray.get(loop_config["eval_blocks"])
+        self.languages = sorted(self.train_blocks)
+
+    def load_model(self, base_path: str):
+        from flora_platform.base_model import load_base
+
+        return load_base(base_path)[0]
+
+    def batches(self, batch_size, seed, rank, world, start_step):
+        for ids, langs in mixed_batches(self.train_blocks, batch_size, seed, rank=rank, world_size=world, start_step=start_step):
+            yield {"input_ids": ids}, langs
+
+    def row_losses(self, model, inputs):
+        ids = inputs["input_ids"]
+        losses = per_row_token_losses(model(input_ids=ids).logits, ids)
+        return losses, torch.full_like(losses, ids.shape[1] - 1)
+
+    def eval_batches(self, lang, rank, world, batch_size):
+        shard = self.eval_blocks[lang][rank::world]
+        for start in range(0, shard.shape[0], batch_size):
+            yield {"input_ids": shard[start : start + batch_size]}
+
+    def score(self, model, route_names, rank, world, batch_size, device) -> dict[str, float]:
+        return {}
+
+
+def load_task(loop_config: dict):
+    if loop_config.get("task", "text") == "speech":
+        from flora_platform.speech.training import SpeechTask
+
+        return SpeechTask(loop_config)
+    return TextTask(loop_config)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def language_sums(row_losses: torch.Tensor, row_tokens: torch.Tensor, row_langs: list[str], languages: list[str]):
     """[n_lang, 2] tensor of (summed token loss, token count) per language, for all-reduce."""
     sums = torch.zeros(len(languages), 2, dtype=torch.float64)
-    for loss, lang in zip(row_losses.detach().double().cpu(), row_langs):
+    for loss, tokens, lang in zip(row_losses.detach().double().cpu(), row_tokens.double().cpu(), row_langs):
         i = languages.index(lang)
         sums[i, 0] += loss
-        sums[i, 1] += tokens_per_row
+        sums[i, 1] += tokens
     return sums
 
 
@@ -115,28 +168,34 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def to_device(inputs: dict, device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 @torch.no_grad()
-def evaluate(model, eval_blocks: dict[str, torch.Tensor], languages, route_names, batch_size, device, rank, world):
+def evaluate(model, task, route_names, batch_size, device, rank, world) -> dict[str, float]:
     """Held-out mean token loss per language; `route_names(lang)` picks the adapter (None = base)."""
+    languages = task.languages
     sums = torch.zeros(len(languages), 2, dtype=torch.float64)
     for i, lang in enumerate(languages):
-        shard = eval_blocks[lang][rank::world]
-        for start in range(0, shard.shape[0], batch_size):
-            ids = shard[start : start + batch_size].to(device)
-            with flora.route(model, [route_names(lang)] * ids.shape[0]):
-                row_losses = per_row_token_losses(model(input_ids=ids).logits, ids)
+        for inputs in task.eval_batches(lang, rank, world, batch_size):
+            inputs = to_device(inputs, device)
+            rows = next(iter(inputs.values())).shape[0]
+            with flora.route(model, [route_names(lang)] * rows):
+                row_losses, row_tokens = task.row_losses(model, inputs)
             sums[i, 0] += row_losses.double().sum().cpu()
-            sums[i, 1] += ids.shape[0] * (ids.shape[1] - 1)
+            sums[i, 1] += row_tokens.double().sum().cpu()
     sums = all_reduce_sum(sums)
     return {lang: (sums[i, 0] / sums[i, 1].clamp(min=1)).item() for i, lang in enumerate(languages)}
 
 
-def eval_metrics(prefix: str, losses: dict[str, float]) -> dict[str, float]:
+def eval_metrics(prefix: str, losses: dict[str, float], scores: dict[str, float]) -> dict[str, float]:
     out = {}
     for lang, loss in losses.items():
         out[f"{prefix}_loss/{lang}"] = loss
         out[f"{prefix}_perplexity/{lang}"] = math.exp(min(loss, 50.0))
     out[f"{prefix}_loss/mean"] = statistics.fmean(losses.values())
+    out.update({f"{prefix}_{key}": value for key, value in scores.items()})
     return out
 
 
@@ -146,20 +205,16 @@ def eval_metrics(prefix: str, losses: dict[str, float]) -> dict[str, float]:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: `loop_config` holds the config dict, base model path and data refs."""
     import deepspeed
-    import ray
     import ray.train
     from ray.train.torch import get_device
-
-    from flora_platform.base_model import load_base
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: FinetuneConfig = from_dict(FinetuneConfig, loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    train_blocks = ray.get(loop_config["train_blocks"])
-    eval_blocks = ray.get(loop_config["eval_blocks"])
-    languages = sorted(train_blocks)
+    task = load_task(loop_config)
+    languages = task.languages
     names = adapter_names(cfg, languages)
     to_adapter = (lambda lang: lang) if cfg.adapter.per_language else (lambda lang: "all")
 
@@ -167,7 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # function of no arguments returning a dict.
     report_extras = loop_config.get("report_extras") or dict
 
-    model, _ = load_base(loop_config["base_path"])
+    model = task.load_model(loop_config["base_path"])
     model.to(device)
     banks = inject_adapters(model, cfg, names)
     start_step, state = 0, {}
@@ -188,35 +243,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
         config=deepspeed_config(cfg), dist_init_required=False,
     )
 
-    batch_size, seq_len = cfg.train.batch_size, cfg.train.seq_len
-    base_eval = state.get("base_eval") or evaluate(
-        engine.module, eval_blocks, languages, lambda lang: None, batch_size, device, rank, world
-    )
-    batches = mixed_batches(train_blocks, batch_size, cfg.train.seed, rank=rank, world_size=world, start_step=start_step)
+    batch_size = cfg.train.batch_size
+    base = lambda lang: None  # noqa: E731
+    base_eval = state.get("base_eval") or evaluate(engine.module, task, base, batch_size, device, rank, world)
+    base_scores = state.get("base_scores")
+    if base_scores is None:
+        base_scores = task.score(engine.module, base, rank, world, batch_size, device)
+    batches = task.batches(batch_size, cfg.train.seed, rank, world, start_step)
     window = torch.zeros(len(languages), 2, dtype=torch.float64)
     step_times: list[float] = []
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start = time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        ids, langs = next(batches)
-        ids = ids.to(device)
+        inputs, langs = next(batches)
+        inputs = to_device(inputs, device)
         with flora.route(engine.module, [to_adapter(lang) for lang in langs]):
-            row_losses = per_row_token_losses(engine(input_ids=ids).logits, ids)
-            loss = row_losses.sum() / (ids.shape[0] * (seq_len - 1))
+            row_losses, row_tokens = task.row_losses(engine, inputs)
+            loss = row_losses.sum() / row_tokens.sum().clamp(min=1)
             engine.backward(loss)
         engine.step()
         step_times.append(time.perf_counter() - t0)
-        window += language_sums(row_losses, langs, languages, seq_len - 1)
-        window_tokens += ids.numel()
+        window += language_sums(row_losses, row_tokens, langs, languages)
 
         last = step == cfg.train.steps
         if step % cfg.train.log_interval == 0 or last:
             totals = all_reduce_sum(window)
-            tokens = all_reduce_sum(torch.tensor([float(window_tokens)], dtype=torch.float64)).item()
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "train_loss": (totals[:, 0].sum() / totals[:, 1].sum()).item(),
-                "tokens_per_s": tokens / elapsed,
+                "tokens_per_s": totals[:, 1].sum().item() / elapsed,  # predicted (loss-bearing) tokens
                 "step_time_s": statistics.median(step_times[-cfg.train.log_interval :]),
                 "lr": scheduler.get_last_lr()[0],
                 **{f"train_loss/{lang}": (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, lang in enumerate(languages)},
@@ -228,21 +283,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
                 log_metrics(loop_config, metrics, step)
             window.zero_()
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start = time.perf_counter()
 
         if step % cfg.train.eval_interval == 0 or last:
-            adapted = evaluate(engine.module, eval_blocks, languages, to_adapter, batch_size, device, rank, world)
+            adapted = evaluate(engine.module, task, to_adapter, batch_size, device, rank, world)
+            scores = task.score(engine.module, to_adapter, rank, world, batch_size, device)
             metrics = {
-                **eval_metrics("eval", adapted),
-                **eval_metrics("base_eval", base_eval),
+                **eval_metrics("eval", adapted, scores),
+                **eval_metrics("base_eval", base_eval, base_scores),
                 "step": step,
                 "resumed_from_step": start_step,
                 "step_time_median_s": statistics.median(step_times),
             }
             if rank == 0:
-                log.info("step %d eval: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items() if "loss/" in k}))
+                log.info("step %d eval: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items() if "/" in k and "perplexity" not in k}))
                 log_metrics(loop_config, metrics, step)
-            state = {"step": step, "base_eval": base_eval, "languages": languages}
+            state = {"step": step, "base_eval": base_eval, "base_scores": base_scores, "languages": languages}
             report(banks, names, {**metrics, **report_extras()}, state, rank)
 
 

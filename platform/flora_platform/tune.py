@@ -114,7 +114,7 @@ def scheduler(cfg: SearchJobConfig):
 def run_trial(params: dict, job: dict) -> None:
     """Tune trial function: one fine-tuning run (a `TorchTrainer`) with the sampled values.
 
-    `job` holds the search config dict, the base model path, the data blocks' object refs and
+    `job` holds the search config dict, the base model path, the task's data (object refs) and
     the parent MLflow run. The Train run is named after the trial, so a resumed search's trial
     continues from its last checkpoint.
     """
@@ -130,8 +130,7 @@ def run_trial(params: dict, job: dict) -> None:
     loop_config = {
         "config": to_dict(trial_cfg),
         "base_path": job["base_path"],
-        "train_blocks": job["train_blocks"],
-        "eval_blocks": job["eval_blocks"],
+        **job["data"],
         "tracking_uri": cfg.tracking_uri,
         "mlflow_run_id": run_id,
         "report_extras": worker_placement_group,

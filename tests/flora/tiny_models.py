@@ -43,6 +43,27 @@ def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
     return WhisperForConditionalGeneration(config).eval()
 
 
+# The tiny multilingual Whisper's control tokens, at the top of its vocabulary in Whisper's order.
+WHISPER_LANGUAGES = {"<|de|>": VOCAB - 9, "<|fr|>": VOCAB - 8, "<|it|>": VOCAB - 7}
+WHISPER_SOT, WHISPER_TRANSLATE, WHISPER_TRANSCRIBE = VOCAB - 10, VOCAB - 6, VOCAB - 5
+WHISPER_NO_TIMESTAMPS = VOCAB - 1  # after <|startoflm|>, <|startofprev|>, <|nospeech|>
+
+
+def tiny_multilingual_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
+    """`tiny_whisper` with the generation config `generate(language=..., task=...)` needs."""
+    from transformers import GenerationConfig
+
+    model = tiny_whisper(seed)
+    model.config.decoder_start_token_id = WHISPER_SOT
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=WHISPER_SOT, bos_token_id=1, eos_token_id=1, pad_token_id=2,
+        lang_to_id=dict(WHISPER_LANGUAGES), task_to_id={"translate": WHISPER_TRANSLATE, "transcribe": WHISPER_TRANSCRIBE},
+        no_timestamps_token_id=WHISPER_NO_TIMESTAMPS, prev_sot_token_id=VOCAB - 3, is_multilingual=True,
+        max_length=model.config.max_target_positions,
+    )
+    return model
+
+
 def model_inputs(model, batch: int, seq: int = 6, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)

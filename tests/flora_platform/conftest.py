@@ -52,3 +52,34 @@ def tiny_job_overrides(tmp: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_speech_overrides(tmp, **extra) -> list[str]:
+    """A speech job that runs in seconds: two languages, a tiny Whisper barely pre-trained."""
+    shared = tmp.parent  # corpus and model caches shared by the module's tests
+    base = {
+        "task": "speech",
+        "speech.languages": "[de,fr]",
+        "speech.per_language": 12,
+        "speech.held_out": 4,
+        "speech.eval_examples": 4,
+        "speech.corpus_dir": str(shared / "speech-corpus"),
+        "speech.max_label_tokens": 24,
+        "speech.max_new_tokens": 8,
+        "model.embedded_whisper.cache_dir": str(shared / "whisper-cache"),
+        "model.embedded_whisper.vocab_size": 300,
+        "model.embedded_whisper.d_model": 32,
+        "model.embedded_whisper.ffn_dim": 64,
+        "model.embedded_whisper.max_target_positions": 32,
+        "model.embedded_whisper.window_seconds": 6,
+        "model.embedded_whisper.pretrain_steps": 10,
+        "adapter.rank": 2,
+        "train.steps": 6,
+        "train.batch_size": 4,
+        "train.eval_interval": 3,
+        "train.log_interval": 3,
+        "run.storage_path": str(tmp / "storage"),
+        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

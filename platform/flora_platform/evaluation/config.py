@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flora_platform.config import ADAPTER_KINDS, ConfigError, ModelConfig, ScalingConfig, TrainConfig
+from flora_platform.config import ADAPTER_KINDS, TASKS, ConfigError, ModelConfig, ScalingConfig, SpeechConfig, TrainConfig
 from flora_platform.data import CorpusConfig
 from flora_platform.evaluation.execution import ISOLATION_MODES, ExecutionLimits
 from flora_platform.evaluation.problems import BUILTIN
@@ -237,11 +237,17 @@ class CompareConfig:
     base model in one evaluation (the other sections; held-out perplexity over the fine-tuning
     job's own held-out blocks: train.seq_len, train.eval_blocks). Every method's adapter for a language is
     a version of the registered model `<prefix>-<language>`, so `promote.alias` picks the best
-    method per language."""
+    method per language.
+
+    task=speech (Table 2): Whisper on `speech` data; each method's fine-tuning run scores held-out
+    WER of the base model and its adapters itself, so there is no separate evaluation (the
+    problems, sampling, generation, execution and promote sections do not apply)."""
 
     methods: tuple[str, ...] = ADAPTER_KINDS
+    task: str = "text"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: CorpusConfig = field(default_factory=CorpusConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
     adapter: CompareAdapterConfig = field(default_factory=CompareAdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -260,6 +266,8 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in ADAPTER_KINDS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ConfigError("methods", f"must list distinct methods of {ADAPTER_KINDS}, got {list(self.methods)}")
+        if self.task not in TASKS:
+            raise ConfigError("task", f"{self.task!r} is not one of {TASKS}")
 
     @property
     def storage_path(self) -> str:

@@ -2,6 +2,8 @@
 
     POST   /v1/completions          prompt (str | [str] | token ids), stream (server-sent events), n, ...
     POST   /v1/chat/completions     when the tokenizer has a chat template
+    POST   /v1/audio/transcriptions Whisper models: multipart `file` (WAV) + `model` (the adapter),
+                                    optional `language`, `response_format` (json | text | verbose_json)
     GET    /v1/models               the base model, adapters resident and adapters available
     POST   /v1/adapters             {"model": "<name>" | "<name>@<alias>"}: resolve afresh and load
     DELETE /v1/adapters/{name}      unload from this replica's banks (409 while requests use it)
@@ -22,13 +24,15 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import UploadFile
 
-from flora.engine import AdapterInUse, RequestOutput, RequestRejected
+from flora.engine import AdapterInUse, AdapterUnavailable, RequestOutput, RequestRejected
 from flora_platform.serving import protocol
 from flora_platform.serving.protocol import ApiError
 from flora_platform.serving.service import BadPrompt, ChoiceBuilder, CompletionService, Overloaded, RequestRecord, Run
 from flora_platform.serving.sources import AdapterInvalid, AdapterNotFound, RegistryUnavailable, Target
+from flora_platform.serving.transcription import TranscriptionService
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ def as_api_error(err: Exception) -> ApiError | None:
         return err
     if isinstance(err, AdapterNotFound):
         return ApiError(404, str(err), param="model")
-    if isinstance(err, AdapterInvalid):
+    if isinstance(err, (AdapterInvalid, AdapterUnavailable)):
         return ApiError(422, str(err), param="model")
     if isinstance(err, RegistryUnavailable):
         return ApiError(503, str(err), headers={"Retry-After": "5"})
@@ -58,7 +62,7 @@ def as_api_error(err: Exception) -> ApiError | None:
     return None
 
 
-def build_http_app(service: CompletionService, api_key: str = "", identity: dict | None = None) -> FastAPI:
+def build_http_app(service: CompletionService | TranscriptionService, api_key: str = "", identity: dict | None = None) -> FastAPI:
     """The routes over `service`; `api_key` ("" = none) guards /v1/*; `identity` (e.g. the
     replica id and pid) is added to /health answers."""
     identity = dict(identity or {})
@@ -130,6 +134,15 @@ def build_http_app(service: CompletionService, api_key: str = "", identity: dict
             raise ApiError(400, str(err)) from err
         return {"id": name, "root": target.key, "unloaded": unloaded}
 
+    if isinstance(service, TranscriptionService):
+
+        @app.post("/v1/audio/transcriptions")
+        async def transcriptions(request: HttpRequest):
+            authorize(request)
+            return await _transcribe(service, request_id(request), request)
+
+        return app
+
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         authorize(request)
@@ -143,6 +156,74 @@ def build_http_app(service: CompletionService, api_key: str = "", identity: dict
         return await _generate(service, request_id(request), params, params.messages)
 
     return app
+
+
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+
+
+async def _transcription_form(request: HttpRequest, max_bytes: int) -> tuple[bytes, str, str | None, str]:
+    """(audio bytes, model, language, response_format) of an OpenAI transcription upload."""
+    size = request.headers.get("content-length")
+    if size and size.isdigit() and int(size) > max_bytes:
+        raise ApiError(413, f"the upload has {size} bytes; the limit is {max_bytes} (limits.max_audio_bytes)")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "send multipart/form-data with a `file` (WAV) and a `model`, as OpenAI's clients do", param="file")
+    try:
+        form = await request.form(max_files=1, max_fields=16, max_part_size=max_bytes)
+    except Exception as err:  # noqa: BLE001 - starlette's MultiPartException and malformed bodies
+        raise ApiError(400, f"unreadable multipart body: {err}", param="file") from err
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "file: required, the audio as an uploaded file (WAV)", param="file")
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    model = fields.get("model", "")
+    if not model:
+        raise ApiError(400, "model: required, the adapter (e.g. flora-speech-de@champion) or the base model", param="model")
+    response_format = fields.get("response_format") or "json"
+    if response_format not in TRANSCRIPTION_FORMATS:
+        raise ApiError(400, f"response_format: {response_format!r} is not one of {TRANSCRIPTION_FORMATS}", param="response_format")
+    temperature = fields.get("temperature")
+    try:
+        greedy = temperature is None or float(temperature) == 0
+    except ValueError:
+        greedy = False
+    if not greedy:
+        raise ApiError(400, f"temperature: {temperature!r}; this server decodes greedily: send 0 or leave it out", param="temperature")
+    if fields.get("prompt"):
+        raise ApiError(400, "prompt: a decoding prompt is not supported; leave it out", param="prompt")
+    data = await upload.read()
+    if len(data) > max_bytes:
+        raise ApiError(413, f"the upload has {len(data)} bytes; the limit is {max_bytes} (limits.max_audio_bytes)")
+    return data, model, fields.get("language") or None, response_format
+
+
+async def _transcribe(service: TranscriptionService, rid: str, request: HttpRequest):
+    started = time.monotonic()
+    model, status, result = "<unresolved>", 500, None
+    try:
+        data, model, language, response_format = await _transcription_form(request, service.cfg.limits.max_audio_bytes)
+        result = await service.transcribe(rid, model, data, language, started + service.cfg.limits.request_timeout_s)
+        status = 200
+    except asyncio.CancelledError:
+        status = CLIENT_GONE
+        raise
+    except Exception as err:
+        api = as_api_error(err)
+        status = api.status if api else 500
+        if api is None:
+            raise
+        raise api from err
+    finally:
+        service.record(RequestRecord(
+            request_id=rid, model=model, source=result.target.source if result else "-", status=status,
+            prompt_tokens=0, completion_tokens=result.tokens if result else 0,
+            latency_s=time.monotonic() - started, ttft_s=None,
+        ))
+    if response_format == "text":
+        return PlainTextResponse(result.text)
+    if response_format == "verbose_json":
+        return {"task": "transcribe", "language": result.language, "duration": result.duration_s, "text": result.text}
+    return {"text": result.text}
 
 
 async def _answer(awaitable):

@@ -127,7 +127,7 @@ class LimitsSpec:
     """Per replica. max_queued_requests: engine requests waiting beyond the running rows; more
     are answered 429 with Retry-After. request_timeout_s: a request still unfinished is
     cancelled (504). max_prompt_tokens: 0 = the model's context. max_choices: prompts × n of one
-    request."""
+    request. max_audio_bytes: the largest upload to /v1/audio/transcriptions (OpenAI's limit)."""
 
     max_queued_requests: int = 32
     request_timeout_s: float = 120.0
@@ -135,11 +135,12 @@ class LimitsSpec:
     max_prompt_tokens: int = 0
     max_choices: int = 8
     max_body_bytes: int = 1 << 20
+    max_audio_bytes: int = 25 << 20
     retry_after_s: float = 1.0
 
     def __post_init__(self):
         _at_least("limits", self, ("max_queued_requests", "max_prompt_tokens", "retry_after_s"), 0)
-        _at_least("limits", self, ("max_tokens", "max_choices", "max_body_bytes"), 1)
+        _at_least("limits", self, ("max_tokens", "max_choices", "max_body_bytes", "max_audio_bytes"), 1)
         if not self.request_timeout_s > 0:
             raise ConfigError("limits.request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
 

@@ -44,9 +44,15 @@ def resolve_base(spec: ModelSpec, tracking_uri: str = "") -> ModelSpec:
         log.info("embedded base model: %s, as trained on by the latest %r run", trained, finetune.tracking.experiment)
         return dataclasses.replace(spec, name=trained, served_name=spec.served_name or "embedded")
     log.info("resolving the embedded base model of %s", spec.finetune_config or "the default fine-tuning config")
-    docs = load_documents(finetune.data)
-    train_docs, _ = split_documents(docs, finetune.data.eval_fraction, finetune.data.seed)
-    path = resolve_base_model(finetune, train_docs)
+    if finetune.task == "speech":
+        from flora_platform.speech.prepare import read_examples, resolve_speech_model, split_examples
+
+        train, _ = split_examples(read_examples(finetune), finetune.speech.eval_fraction, finetune.speech.seed)
+        path = resolve_speech_model(finetune, train)
+    else:
+        docs = load_documents(finetune.data)
+        train_docs, _ = split_documents(docs, finetune.data.eval_fraction, finetune.data.seed)
+        path = resolve_base_model(finetune, train_docs)
     log.info("embedded base model: %s", path)
     return dataclasses.replace(spec, name=path, served_name=spec.served_name or "embedded")
 
@@ -55,6 +61,7 @@ def trained_base(tracking_uri: str, experiment: str) -> str | None:
     """The base-model directory that the newest finished run of `experiment` recorded (its
     `base_model` tag), if that directory still holds a whole model; None otherwise."""
     from flora_platform.base_model import is_complete
+    from flora_platform.speech.model import is_complete as is_complete_whisper
     from flora_platform.tracking import client_for
 
     try:
@@ -69,7 +76,7 @@ def trained_base(tracking_uri: str, experiment: str) -> str | None:
         return None
     for run in runs:
         tag = run.data.tags.get("base_model", "")
-        if tag and is_complete(Path(tag)):
+        if tag and (is_complete(Path(tag)) or is_complete_whisper(Path(tag))):
             return tag
     return None
 
@@ -89,14 +96,29 @@ def pick_device(spec: ModelSpec) -> torch.device:
     return torch.device(spec.device)
 
 
+def is_speech_model(name: str) -> bool:
+    """Whether the (resolved) base model is a Whisper model, served by transcription."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name).model_type == "whisper"
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.name", f"cannot read a model config from {name!r}: {err}") from err
+
+
 def load_model(spec: ModelSpec):
-    """(model with adapter banks, tokenizer) on the replica's device, in eval mode."""
+    """(model with adapter banks, tokenizer) on the replica's device, in eval mode; for a
+    Whisper model, (model, processor)."""
     from flora_platform.base_model import load_base
+    from flora_platform.speech.model import load_speech_model
 
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     device = pick_device(spec)
-    model, tokenizer = load_base(spec.name, dtype=_DTYPES.get(spec.dtype))
+    if is_speech_model(spec.name):
+        model, tokenizer = load_speech_model(spec.name, dtype=_DTYPES.get(spec.dtype))
+    else:
+        model, tokenizer = load_base(spec.name, dtype=_DTYPES.get(spec.dtype))
     # One preset name, a list of patterns, or () for the architecture's preset (what fine-tuning adapts).
     targets = spec.targets[0] if len(spec.targets) == 1 and spec.targets[0] in flora.PRESETS else list(spec.targets) or "auto"
     try:
@@ -104,7 +126,7 @@ def load_model(spec: ModelSpec):
     except ValueError as err:
         raise ConfigError("model.targets", str(err)) from err
     model.to(device).eval()
-    if spec.chat_template:
+    if spec.chat_template and not model.config.is_encoder_decoder:
         tokenizer.chat_template = spec.chat_template
     log.info(
         "serving %s (%s, %s) with %d adapter slots, max rank %d",

@@ -134,18 +134,97 @@ class ChoiceBuilder:
         return delta
 
 
-class CompletionService:
-    """The model, its engine and adapter sources of one replica, with admission and statistics."""
+class AdapterService:
+    """What every replica's service has, whatever it generates: the model with adapter banks,
+    adapter sources (directory and registry), name resolution off the event loop, request
+    records. Subclasses add their engine and set `self._unload` (engine key -> unloaded?)."""
 
-    def __init__(self, cfg: ServeConfig, *, tracking_uri: str = "", on_record: Callable[[RequestRecord], None] | None = None):
+    def __init__(self, cfg: ServeConfig, model, *, tracking_uri: str = "", on_record: Callable[[RequestRecord], None] | None = None):
         self.cfg = cfg
-        self.model, self.tokenizer = load_model(cfg.model)
-        self.banks = flora.banks_of(self.model)
+        self.model = model
+        self.banks = flora.banks_of(model)
         self.model_name = cfg.model.public_name
         self.sources = AdapterSources(
             cfg.adapters, cfg.registry, tracking_uri=tracking_uri,
             base_names={self.model_name}, check_fits=self.banks.check_fits, base_model=cfg.model.name,
         )
+        self.forwards = ForwardStats(self.banks)
+        self.model.register_forward_pre_hook(self.forwards.observe)
+        self.on_record = on_record
+        self.capacity = cfg.capacity
+        self._io = ThreadPoolExecutor(4, thread_name_prefix="flora-adapters")
+        self._names: dict[str, set[str]] = defaultdict(set)  # engine key -> names clients used for it
+        self.requests: Counter[tuple[str, int]] = Counter()  # (model as requested, HTTP status)
+
+    async def preload(self, names) -> None:
+        for name in names:
+            await self.load_adapter(name)
+
+    async def in_thread(self, fn, *args):
+        """Run blocking adapter-source work (disk, MLflow) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def resolve(self, model: str, fresh: bool = False) -> Target:
+        """The engine key of `model`, its adapter read and checked (404 / 422 / 503 errors)."""
+        target = await self.in_thread(self.sources.resolve, model, fresh)
+        if target.key is not None:
+            if fresh:
+                self.sources.forget(target.key)
+            await self.in_thread(self.sources.fetch, target.key)
+            for key, names in self._names.items():  # a moved alias names one version at a time
+                if key != target.key:
+                    names.discard(model)
+            self._names[target.key].add(model)
+        return target
+
+    async def load_adapter(self, model: str) -> Target:
+        raise NotImplementedError
+
+    def unload_key(self, key: str) -> bool:
+        """Drop an engine key from the banks between forwards (AdapterInUse while requests use it)."""
+        raise NotImplementedError
+
+    async def unload_adapter(self, model: str) -> tuple[Target, bool]:
+        target = await self.in_thread(self.sources.resolve, model, False)  # no download just to unload
+        if target.key is None:
+            raise ValueError("the base model cannot be unloaded")
+        unloaded = await asyncio.get_running_loop().run_in_executor(None, self.unload_key, target.key)
+        self.sources.forget(target.key)
+        return target, unloaded
+
+    def resident(self) -> dict[str, list[str]]:
+        """Engine key -> the names clients used for it, for every adapter in the banks."""
+        return {key: sorted(self._names.get(key) or {key}) for key in list(self.banks.names)}
+
+    def record(self, record: RequestRecord) -> None:
+        self.requests[(record.model, record.status)] += 1
+        log.info(
+            "request %s model=%s source=%s status=%d prompt_tokens=%d completion_tokens=%d ttft_s=%s latency_s=%.3f",
+            record.request_id, record.model, record.source, record.status, record.prompt_tokens,
+            record.completion_tokens, "-" if record.ttft_s is None else f"{record.ttft_s:.3f}", record.latency_s,
+        )
+        if self.on_record is not None:
+            try:
+                self.on_record(record)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                log.exception("recording request metrics failed")
+
+    def requests_snapshot(self) -> dict[str, dict[str, int]]:
+        per_model: dict[str, dict[str, int]] = defaultdict(dict)
+        for (model, status), count in sorted(self.requests.items()):
+            per_model[model][str(status)] = count
+        return dict(per_model)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+
+class CompletionService(AdapterService):
+    """The model, its engine and adapter sources of one replica, with admission and statistics."""
+
+    def __init__(self, cfg: ServeConfig, *, tracking_uri: str = "", on_record: Callable[[RequestRecord], None] | None = None):
+        model, self.tokenizer = load_model(cfg.model)
+        super().__init__(cfg, model, tracking_uri=tracking_uri, on_record=on_record)
         e = cfg.engine
         self.engine = Engine(
             self.model, loader=self.sources, detokenize=self.decode,
@@ -153,16 +232,9 @@ class CompletionService:
         )
         self.context_len = self.engine.context_len
         self.max_prompt_tokens = cfg.limits.max_prompt_tokens or self.context_len - 1
-        self.forwards = ForwardStats(self.banks)
-        self.model.register_forward_pre_hook(self.forwards.observe)
-        self.on_record = on_record
-        self.capacity = cfg.capacity
         self._inflight = 0
         self._lock = threading.Lock()
         self._pumps = ThreadPoolExecutor(self.capacity + 8, thread_name_prefix="flora-stream")
-        self._io = ThreadPoolExecutor(4, thread_name_prefix="flora-adapters")
-        self._names: dict[str, set[str]] = defaultdict(set)  # engine key -> names clients used for it
-        self.requests: Counter[tuple[str, int]] = Counter()  # (model as requested, HTTP status)
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self.engine.run_forever, name="flora-engine", daemon=True)
         self._thread.start()
@@ -176,11 +248,7 @@ class CompletionService:
     def close(self) -> None:
         self.engine.close()  # fails what is in flight as "cancelled": every pump ends
         self._pumps.shutdown(wait=False, cancel_futures=True)
-        self._io.shutdown(wait=False, cancel_futures=True)
-
-    async def preload(self, names) -> None:
-        for name in names:
-            await self.load_adapter(name)
+        super().close()
 
     # ------------------------------------------------------------------ text
 
@@ -221,23 +289,6 @@ class CompletionService:
 
     # ------------------------------------------------------------------ adapters
 
-    async def in_thread(self, fn, *args):
-        """Run blocking adapter-source work (disk, MLflow) off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
-
-    async def resolve(self, model: str, fresh: bool = False) -> Target:
-        """The engine key of `model`, its adapter read and checked (404 / 422 / 503 errors)."""
-        target = await self.in_thread(self.sources.resolve, model, fresh)
-        if target.key is not None:
-            if fresh:
-                self.sources.forget(target.key)
-            await self.in_thread(self.sources.fetch, target.key)
-            for key, names in self._names.items():  # a moved alias names one version at a time
-                if key != target.key:
-                    names.discard(model)
-            self._names[target.key].add(model)
-        return target
-
     async def load_adapter(self, model: str) -> Target:
         """Resolve `model` afresh (a moved alias is seen now) and copy it into a slot by running
         one token through it. A directory adapter already resident is read from disk again."""
@@ -257,17 +308,8 @@ class CompletionService:
             run.cancel()
         return target
 
-    async def unload_adapter(self, model: str) -> tuple[Target, bool]:
-        target = await self.in_thread(self.sources.resolve, model, False)  # no download just to unload
-        if target.key is None:
-            raise ValueError("the base model cannot be unloaded")
-        unloaded = await asyncio.get_running_loop().run_in_executor(None, self.engine.unload_adapter, target.key)
-        self.sources.forget(target.key)
-        return target, unloaded
-
-    def resident(self) -> dict[str, list[str]]:
-        """Engine key -> the names clients used for it, for every adapter in the banks."""
-        return {key: sorted(self._names.get(key) or {key}) for key in list(self.banks.names)}
+    def unload_key(self, key: str) -> bool:
+        return self.engine.unload_adapter(key)
 
     # ------------------------------------------------------------------ requests
 
@@ -329,32 +371,16 @@ class CompletionService:
         with self._lock:
             self._inflight -= count
 
-    def record(self, record: RequestRecord) -> None:
-        self.requests[(record.model, record.status)] += 1
-        log.info(
-            "request %s model=%s source=%s status=%d prompt_tokens=%d completion_tokens=%d ttft_s=%s latency_s=%.3f",
-            record.request_id, record.model, record.source, record.status, record.prompt_tokens,
-            record.completion_tokens, "-" if record.ttft_s is None else f"{record.ttft_s:.3f}", record.latency_s,
-        )
-        if self.on_record is not None:
-            try:
-                self.on_record(record)
-            except Exception:  # noqa: BLE001 - metrics must never fail a request
-                log.exception("recording request metrics failed")
-
     def snapshot(self) -> dict:
         with self._lock:
             inflight = self._inflight
-        per_model: dict[str, dict[str, int]] = defaultdict(dict)
-        for (model, status), count in sorted(self.requests.items()):
-            per_model[model][str(status)] = count
         return {
             "engine": self.engine.metrics.snapshot(),
             "inflight": inflight,
             "capacity": self.capacity,
             "forwards": self.forwards.snapshot(),
             "adapters_resident": self.resident(),
-            "requests": dict(per_model),
+            "requests": self.requests_snapshot(),
         }
 
 

@@ -40,7 +40,7 @@ from transformers import (
 
 from flora_platform.base_model import EOS_TOKEN, PAD_TOKEN, build_once, corpus_digest, train_tokenizer
 from flora_platform.data import looks_like_path
-from flora_platform.speech.audio import MAX_SECONDS, TARGET_RATE
+from flora_platform.speech.audio import TARGET_RATE
 from flora_platform.speech.corpus import SpeechExample
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ PROMPT_LENGTH = 4  # <|startoftranscript|> <|xx|> <|transcribe|> <|notimestamps|
 # lower case to be reachable; no "|" or spaces, which would break the <|xx|> form.
 LOCALE_PATTERN = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
 MARKER_NAME = "flora_embedded_whisper.json"  # written last: its presence means the directory is whole
-CACHE_FORMAT = 1  # bump when the build changes, so old caches are not reused
+CACHE_FORMAT = 3  # bump when the build changes, so old caches are not reused
 
 
 def load_speech_model(name_or_path: str, dtype=None) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
@@ -96,26 +96,51 @@ def ensure_embedded_whisper(
     attention_heads: int = 4,
     ffn_dim: int = 256,
     max_target_positions: int = 64,
+    window_seconds: int = 30,
     seed: int = 0,
+    pretrain_examples: Sequence[SpeechExample] = (),
+    pretrain_steps: int = 0,
+    pretrain_lr: float = 2e-3,
 ) -> Path:
     """Directory of the embedded Whisper for these sentences (pass the training split), built if missing.
 
     The model has random weights: it is a base to fine-tune, not a recogniser. Its tokenizer has
     one language token `<|xx|>` per locale (sorted) and learns at most `vocab_size` text tokens
-    from the sentences; its feature extractor is Whisper's (80 mel bins, 16 kHz, 30 s windows).
+    from the sentences; its feature extractor is Whisper's (80 mel bins, 16 kHz) over windows of
+    `window_seconds` (Whisper's 30 s by default; a shorter window makes the encoder's sequence,
+    and so training on a CPU, proportionally cheaper: clips longer than it are refused).
+
+    pretrain_steps > 0: train every weight for that many AdamW steps on `pretrain_examples`
+    (mixed languages, batches of 8), so that the model starts as a weak recogniser that adapters
+    can improve per language, as Whisper is for the paper's languages.
     """
     settings = dict(
         vocab_size=vocab_size, d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
-        attention_heads=attention_heads, ffn_dim=ffn_dim, max_target_positions=max_target_positions, seed=seed,
+        attention_heads=attention_heads, ffn_dim=ffn_dim, max_target_positions=max_target_positions,
+        window_seconds=window_seconds, seed=seed, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
     )
     _check_settings(sentences_by_locale, settings)
+    if pretrain_steps and not pretrain_examples:
+        raise ValueError("pretrain_steps > 0 needs pretrain_examples")
     # Same key recipe as base_model's cache; the format tag keeps the two kinds apart.
     key = hashlib.sha256(json.dumps(
-        {"format": f"whisper-{CACHE_FORMAT}", "settings": settings, "corpus": corpus_digest(sentences_by_locale)},
+        {"format": f"whisper-{CACHE_FORMAT}", "settings": settings, "corpus": corpus_digest(sentences_by_locale),
+         "pretrain_examples": examples_digest(pretrain_examples) if pretrain_steps else None},
         sort_keys=True,
     ).encode())
     target = Path(cache_dir).expanduser() / f"embedded-whisper-{key.hexdigest()[:16]}"
-    return build_once(target, lambda tmp: _build(tmp, sentences_by_locale, settings), is_complete, "embedded whisper")
+    return build_once(
+        target, lambda tmp: _build(tmp, sentences_by_locale, settings, pretrain_examples), is_complete, "embedded whisper"
+    )
+
+
+def examples_digest(examples: Sequence[SpeechExample]) -> str:
+    """Hash of the examples' audio, transcripts and locales, in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(f"{ex.locale}\0{ex.sentence}\0{len(ex.audio)}\0".encode())
+        h.update(np.ascontiguousarray(ex.audio, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def is_complete(path: Path) -> bool:
@@ -132,9 +157,11 @@ def _check_settings(sentences_by_locale: dict[str, list[str]], s: dict) -> None:
             f"locales {bad} cannot name a Whisper language token: use lower-case letters, digits, '-' and '_' "
             "(e.g. 'de', 'sv-se'), since generate() lower-cases the language it is given"
         )
-    for name in ("d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim"):
+    for name in ("d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim", "window_seconds"):
         if s[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {s[name]}")
+    if s["pretrain_steps"] < 0 or s["pretrain_lr"] <= 0:
+        raise ValueError(f"pretrain_steps must be >= 0 and pretrain_lr > 0, got {s['pretrain_steps']} and {s['pretrain_lr']}")
     if s["d_model"] % s["attention_heads"]:
         raise ValueError(f"d_model={s['d_model']} must be divisible by attention_heads={s['attention_heads']}")
     if s["vocab_size"] < 256 + 2:
@@ -163,17 +190,19 @@ def build_whisper_tokenizer(sentences_by_locale: dict[str, list[str]], vocab_siz
     return tokenizer
 
 
-def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict) -> None:
+def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretrain_examples: Sequence[SpeechExample]) -> None:
     started = time.perf_counter()
     tokenizer = build_whisper_tokenizer(sentences_by_locale, s["vocab_size"], s["max_target_positions"])
     ids = tokenizer.convert_tokens_to_ids
+    feature_extractor = WhisperFeatureExtractor(chunk_length=s["window_seconds"])
     torch.manual_seed(s["seed"])
     config = WhisperConfig(
         vocab_size=len(tokenizer), num_mel_bins=80, d_model=s["d_model"],
         encoder_layers=s["encoder_layers"], decoder_layers=s["decoder_layers"],
         encoder_attention_heads=s["attention_heads"], decoder_attention_heads=s["attention_heads"],
         encoder_ffn_dim=s["ffn_dim"], decoder_ffn_dim=s["ffn_dim"],
-        max_source_positions=1500,  # fixed by the 30 s window: 3000 mel frames, halved by conv2
+        # One position per two mel frames (conv2 has stride 2): 1500 for Whisper's 30 s window.
+        max_source_positions=feature_extractor.nb_max_frames // 2,
         max_target_positions=s["max_target_positions"],
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=ids(START_OF_TRANSCRIPT),
@@ -187,18 +216,52 @@ def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict) -> Non
         lang_to_id={f"<|{loc}|>": ids(f"<|{loc}|>") for loc in sorted(sentences_by_locale)},
         task_to_id={name.strip("<|>"): ids(name) for name in TASK_TOKENS},
         no_timestamps_token_id=ids(NO_TIMESTAMPS), prev_sot_token_id=ids("<|startofprev|>"),
-        is_multilingual=True, max_length=config.max_target_positions,
+        is_multilingual=True,  # no max_length: callers pass max_new_tokens, and both set draws a warning per call
     )
-    processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=tokenizer)
+    processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    final_loss = None
+    if s["pretrain_steps"]:
+        final_loss = pretrain(model, processor, pretrain_examples, s["pretrain_steps"], s["pretrain_lr"], s["max_target_positions"] - 1, s["seed"])
     model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {
         "settings": s, "corpus_digest": corpus_digest(sentences_by_locale), "locales": sorted(sentences_by_locale),
-        "vocab": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()), "pretrain_loss": final_loss,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / MARKER_NAME).write_text(json.dumps(summary, indent=1))
     logger.info("embedded whisper: %d parameters, %d tokens, locales %s", summary["parameters"], len(tokenizer), summary["locales"])
+
+
+def pretrain(model, processor, examples: Sequence[SpeechExample], steps: int, lr: float, max_label_tokens: int, seed: int,
+             batch_size: int = 8, log_every: int = 100) -> float:
+    """Train every weight on shuffled mixed-language batches; returns the mean loss of the last 50 steps."""
+    import random
+
+    rng = random.Random(seed)
+    order: list[int] = []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    model.train()
+    losses, started = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))  # epochs in a fresh order
+        batch = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        loss = model(**encode_batch(processor, batch, max_label_tokens)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps:
+            logger.info("embedded whisper pre-training: step %d/%d, loss %.3f (%.0f s)", step, steps,
+                        sum(losses[-log_every:]) / len(losses[-log_every:]), time.perf_counter() - started)
+    model.eval()
+    return sum(losses[-50:]) / len(losses[-50:])
 
 
 # --------------------------------------------------------------------------- prompts and batches
@@ -231,13 +294,20 @@ def language_tokens(tokenizer) -> list[str]:
     return sorted(t for t in found if t not in other and re.fullmatch(r"<\|[a-z][a-z0-9_-]*\|>", t))
 
 
+def audio_window_seconds(processor) -> float:
+    """How much audio the model sees at once: 30 s for OpenAI's Whisper checkpoints."""
+    return processor.feature_extractor.n_samples / TARGET_RATE
+
+
 def audio_features(processor, audios: Sequence[np.ndarray]) -> torch.Tensor:
-    """[B, 80, 3000] log-mel features of 16 kHz clips, each padded to Whisper's 30 s window."""
+    """[B, 80, F] log-mel features of 16 kHz clips, each padded to the model's window
+    (F = 3000 frames for Whisper's 30 s)."""
+    window = audio_window_seconds(processor)
     for i, audio in enumerate(audios):
-        if len(audio) > MAX_SECONDS * TARGET_RATE:
+        if len(audio) > window * TARGET_RATE:
             raise ValueError(
-                f"clip {i} is {len(audio) / TARGET_RATE:.1f} s long; Whisper sees {MAX_SECONDS:g} s, and the "
-                "feature extractor would cut the rest silently: cut it into shorter clips"
+                f"clip {i} is {len(audio) / TARGET_RATE:.1f} s long; this model sees {window:g} s at a time, and "
+                "the feature extractor would cut the rest silently: cut it into shorter clips"
             )
     return processor.feature_extractor(list(audios), sampling_rate=TARGET_RATE, return_tensors="pt").input_features
 
@@ -245,7 +315,7 @@ def audio_features(processor, audios: Sequence[np.ndarray]) -> torch.Tensor:
 def encode_batch(processor, examples: Sequence[SpeechExample], max_label_tokens: int) -> dict[str, torch.Tensor]:
     """Model inputs and labels of one mixed-language batch; `model(**batch).loss` trains on it.
 
-    input_features [B, 80, 3000]; decoder_input_ids and labels [B, L], L = the longest
+    input_features [B, 80, F]; decoder_input_ids and labels [B, L], L = the longest
     prompt + text + <|endoftext|> minus one, at most `max_label_tokens`. labels[t] is the token
     after decoder_input_ids[t]; -100 where the next token is part of the forced prompt or
     padding, so the loss covers the text and <|endoftext|> only. Text longer than the budget is

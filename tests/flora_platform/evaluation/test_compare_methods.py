@@ -7,6 +7,7 @@ evaluation (another implementation: the training loop's loss over the same held-
 """
 
 import math
+import shutil
 
 import pytest
 
@@ -15,7 +16,7 @@ from flora_platform.config import load_config
 from flora_platform.evaluation.config import CompareConfig
 from flora_platform.evaluation.execution import detect_isolation
 
-from ..conftest import REPO, load_job, tiny_job_overrides
+from ..conftest import REPO, load_job, tiny_job_overrides, tiny_speech_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -77,3 +78,27 @@ def test_table_one_end_to_end(ray_local, tmp_path):
             assert child.data.tags["flora.training_run_id"] == v.run_id == out["training_runs"][v.tags["kind"]]
         champion = client.get_model_version_by_alias(f"flora-compare-{lang}", "champion")
         assert str(champion.version) == ev["promoted"][f"flora-compare-{lang}"]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng speaks the embedded corpus")
+def test_table_two_for_speech_end_to_end(ray_local, tmp_path):
+    overrides = tiny_speech_overrides(tmp_path, **{"train.steps": 2, "train.eval_interval": 2, "train.log_interval": 2,
+                                                   "scaling.num_workers": 1})
+    cfg = load_config(CompareConfig, str(REPO / "jobs" / "configs" / "compare_speech.yaml"), overrides)
+    out = load_job("compare_methods").run(cfg)
+    client = tracking.client_for(cfg.tracking_uri)
+
+    # Table 2 layout, twice (unnormalised WER as the paper, then normalised): a row per language.
+    assert out["table"].count("| Language | Base model | FLoRA | IA3 | LoRA |") == 2
+    for lang in ("de", "fr"):
+        assert sum(line.startswith(f"| {lang} |") and line.count("(") == 3 for line in out["table"].splitlines()) == 2
+    # The figures are the training runs' own held-out WER, and the base model's is shared by all.
+    for method, run_id in out["training_runs"].items():
+        trained = client.get_run(run_id).data.metrics
+        assert client.get_run(run_id).data.params["adapter.kind"] == method
+        for lang in ("de", "fr"):
+            assert out["values"]["wer"][(method, lang)] == pytest.approx(100 * trained[f"eval_wer/{lang}"])
+            assert out["values"]["wer"][("base", lang)] == pytest.approx(100 * trained[f"base_eval_wer/{lang}"])
+    comparison = client.get_run(out["run_id"])
+    assert comparison.info.status == "FINISHED" and "wer/de/flora" in comparison.data.metrics
+    assert {a.path for a in client.list_artifacts(out["run_id"])} == {"comparison.md"}

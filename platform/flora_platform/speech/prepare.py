@@ -1,0 +1,149 @@
+"""Driver-side preparation of a speech fine-tuning job (task=speech): everything that can fail
+before a worker starts.
+
+Examples (the embedded corpus is spoken here, or a Common Voice-style source is read) →
+held-out split → base model (the embedded Whisper is built and pre-trained here, cached) →
+language-token and target checks on a weightless copy → examples ready to ship to workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flora_platform.config import ConfigError, FinetuneConfig
+from flora_platform.prepare import check_targets, resolve_model_name
+from flora_platform.speech.corpus import DEFAULT_LANGUAGES, CorpusError, SpeechExample, load_examples, synthesize_corpus
+from flora_platform.speech.model import PROMPT_LENGTH, decoder_prompt, ensure_embedded_whisper
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SPLITS = ("test", "dev", "validation")  # the first one a language has is its held-out split
+
+
+@dataclass
+class PreparedSpeechJob:
+    base_path: str  # a local directory or hub id that `load_speech_model` loads
+    languages: list[str]
+    train: dict[str, list[SpeechExample]]  # locale -> training examples
+    held_out: dict[str, list[SpeechExample]]  # locale -> up to speech.eval_examples held-out examples
+
+    def worker_data(self) -> dict:
+        """What the workers' task reads (`flora_platform.speech.training.SpeechTask`), as object refs."""
+        import ray
+
+        return {"task": "speech", "train_examples": ray.put(self.train), "held_out_examples": ray.put(self.held_out)}
+
+
+def prepare_speech_job(cfg: FinetuneConfig) -> PreparedSpeechJob:
+    examples = read_examples(cfg)
+    train, held_out = split_examples(examples, cfg.speech.eval_fraction, cfg.speech.seed)
+    held_out = {lang: spread(rows, cfg.speech.eval_examples) for lang, rows in held_out.items()}
+    base_path = resolve_speech_model(cfg, train)
+    check_speech_model(cfg, base_path, sorted(train))
+    for lang in sorted(train):
+        log.info("%s: %d training clips, %d held-out clips", lang, len(train[lang]), len(held_out[lang]))
+    return PreparedSpeechJob(base_path, sorted(train), train, held_out)
+
+
+def read_examples(cfg: FinetuneConfig) -> list[SpeechExample]:
+    s = cfg.speech
+    locales = list(s.languages) or None
+    try:
+        if s.source == "embedded":
+            languages = tuple(s.languages) or DEFAULT_LANGUAGES
+            key = f"{'-'.join(languages)}_{s.per_language}x{s.held_out}_seed{s.seed}"
+            source = synthesize_corpus(Path(s.corpus_dir).expanduser() / key, languages, s.per_language, s.held_out, s.seed)
+        else:
+            source = Path(s.source).expanduser()
+            if not source.exists():
+                raise CorpusError(f"{s.source} does not exist; pass a corpus directory or a .parquet/.tsv file")
+        examples = load_examples(source, locales=locales)
+    except (CorpusError, ValueError) as err:  # ValueError: unknown embedded language, bad audio
+        raise ConfigError("speech.source", str(err)) from err
+    except RuntimeError as err:  # espeak-ng missing
+        raise ConfigError("speech.source", str(err)) from err
+    missing = sorted(set(locales or ()) - {ex.locale for ex in examples})
+    if missing:
+        raise ConfigError("speech.languages", f"{missing} have no examples in {s.source}")
+    if not examples:
+        raise ConfigError("speech.source", f"{s.source} holds no examples")
+    return examples
+
+
+def split_examples(
+    examples: list[SpeechExample], eval_fraction: float, seed: int,
+) -> tuple[dict[str, list[SpeechExample]], dict[str, list[SpeechExample]]]:
+    """(train, held-out) per locale. A locale's held-out examples are its test split (else dev or
+    validation); a locale with none of those holds out `eval_fraction` of its training examples."""
+    by_split: dict[str, dict[str, list[SpeechExample]]] = defaultdict(lambda: defaultdict(list))
+    for ex in examples:
+        by_split[ex.locale][ex.split].append(ex)
+    train, held_out = {}, {}
+    for locale, splits in sorted(by_split.items()):
+        rows = splits.get("train", [])
+        held = next((splits[name] for name in HELD_OUT_SPLITS if splits.get(name)), None)
+        if held is None:
+            rows = list(rows)
+            random.Random(f"{seed}:{locale}").shuffle(rows)
+            n = max(1, round(len(rows) * eval_fraction))
+            held, rows = rows[:n], rows[n:]
+        if not rows:
+            raise ConfigError("speech.source", f"locale {locale!r} has no training examples (split 'train') left to train on")
+        train[locale], held_out[locale] = rows, held
+    return train, held_out
+
+
+def spread(rows: list, n: int) -> list:
+    """`n` rows evenly spaced over the list (all of them when it is shorter)."""
+    if len(rows) <= n:
+        return list(rows)
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
+
+
+def resolve_speech_model(cfg: FinetuneConfig, train: dict[str, list[SpeechExample]]) -> str:
+    name = cfg.model.name
+    if name == "embedded":
+        e = cfg.model.embedded_whisper
+        examples = [ex for lang in sorted(train) for ex in train[lang]]
+        try:
+            path = ensure_embedded_whisper(
+                Path(e.cache_dir).expanduser(), {lang: [ex.sentence for ex in rows] for lang, rows in train.items()},
+                vocab_size=e.vocab_size, d_model=e.d_model, encoder_layers=e.encoder_layers,
+                decoder_layers=e.decoder_layers, attention_heads=e.attention_heads, ffn_dim=e.ffn_dim,
+                max_target_positions=e.max_target_positions, window_seconds=e.window_seconds, seed=cfg.train.seed,
+                pretrain_examples=examples, pretrain_steps=e.pretrain_steps, pretrain_lr=e.pretrain_lr,
+            )
+        except ValueError as err:
+            raise ConfigError("model.embedded_whisper", str(err)) from err
+        return str(path)
+    return resolve_model_name(name)
+
+
+def check_speech_model(cfg: FinetuneConfig, base_path: str, languages: list[str]) -> None:
+    """Whisper? A language token per locale? Targets that match? Checked without loading weights."""
+    from transformers import AutoConfig, WhisperTokenizer
+
+    check_targets(cfg, base_path)  # also: is it Whisper
+    config = AutoConfig.from_pretrained(base_path)
+    try:
+        tokenizer = WhisperTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.name", f"cannot load a Whisper tokenizer from {base_path!r}: {err}") from err
+    for lang in languages:
+        try:
+            decoder_prompt(tokenizer, lang)
+        except ValueError as err:
+            raise ConfigError("speech.languages", str(err)) from err
+    for name, limit in (("max_label_tokens", config.max_target_positions - 1),
+                        ("max_new_tokens", config.max_target_positions - PROMPT_LENGTH)):
+        if getattr(cfg.speech, name) > limit:
+            raise ConfigError(
+                f"speech.{name}",
+                f"must be <= {limit} (the model's max_target_positions is {config.max_target_positions}), "
+                f"got {getattr(cfg.speech, name)}",
+            )
