@@ -6,6 +6,7 @@
     scheduler FIFO admission, token budget, chunked prefill
     slots    adapters by name: background loading, LRU eviction of unused slots
     engine   the step loop (`Engine`), synchronous `generate` or a background thread
+    transcriber  Whisper: waiting transcription requests for any adapters batched into one generate
     metrics  queue, batch, throughput, latency and slot figures
 """
 
@@ -21,6 +22,7 @@ from flora.engine.request import (
     TokenEvent,
 )
 from flora.engine.slots import AdapterInUse, AdapterUnavailable, DirectoryLoader
+from flora.engine.transcriber import Transcriber, TranscriberConfig, TranscriptionRequest
 
 __all__ = [
     "AdapterInUse",
@@ -36,4 +38,7 @@ __all__ = [
     "RequestRejected",
     "SamplingParams",
     "TokenEvent",
+    "Transcriber",
+    "TranscriberConfig",
+    "TranscriptionRequest",
 ]

@@ -55,8 +55,8 @@ class EmbeddedWhisperConfig:
     attention_heads: int = 4
     ffn_dim: int = 256
     max_target_positions: int = 48
-    window_seconds: int = 8  # the embedded corpus's clips are under 5 s; Whisper's own window is 30 s
-    pretrain_steps: int = 3000
+    window_seconds: int = 6  # the embedded corpus's clips are under 5 s; Whisper's own window is 30 s
+    pretrain_steps: int = 6000
     pretrain_lr: float = 2e-3
     cache_dir: str = "~/.cache/flora/whisper"
 

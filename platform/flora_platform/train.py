@@ -3,7 +3,9 @@
 `train_loop_per_worker` is the whole worker: load the base model, inject adapter banks, start
 every adapter at the base model (or from the last checkpoint), then DeepSpeed steps over the
 adapter rows only. Each example is routed through its language's adapter, so N adapters train
-for the price of one batch. `build_trainer` wires it into a `TorchTrainer`.
+for the price of one batch. `build_trainer` wires it into a `TorchTrainer`. What depends on the
+model family (data, loss, extra held-out scores) is the task's: `TextTask` here for code models,
+`flora_platform.speech.training.SpeechTask` for Whisper (held-out WER).
 """
 
 from __future__ import annotations

@@ -235,26 +235,20 @@ def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretra
 
 def pretrain(model, processor, examples: Sequence[SpeechExample], steps: int, lr: float, max_label_tokens: int, seed: int,
              batch_size: int = 8, log_every: int = 100) -> float:
-    """Train every weight on shuffled mixed-language batches; returns the mean loss of the last 50 steps."""
+    """Train every weight on mixed-language batches drawn at random, at a constant learning rate;
+    returns the mean loss of the last 50 steps."""
     import random
 
-    rng = random.Random(seed)
-    order: list[int] = []
+    rng, pool = random.Random(seed), list(examples)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model.train()
     losses, started = [], time.perf_counter()
     for step in range(1, steps + 1):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))  # epochs in a fresh order
-        batch = [examples[i] for i in order[:batch_size]]
-        del order[:batch_size]
+        batch = rng.sample(pool, min(batch_size, len(pool)))
         loss = model(**encode_batch(processor, batch, max_label_tokens)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % log_every == 0 or step == steps:

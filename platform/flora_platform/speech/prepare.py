@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from flora_platform.config import ConfigError, FinetuneConfig
 from flora_platform.prepare import check_targets, resolve_model_name
+from flora_platform.speech.audio import TARGET_RATE
 from flora_platform.speech.corpus import DEFAULT_LANGUAGES, CorpusError, SpeechExample, load_examples, synthesize_corpus
 from flora_platform.speech.model import PROMPT_LENGTH, decoder_prompt, ensure_embedded_whisper
 
@@ -45,6 +46,7 @@ def prepare_speech_job(cfg: FinetuneConfig) -> PreparedSpeechJob:
     held_out = {lang: spread(rows, cfg.speech.eval_examples) for lang, rows in held_out.items()}
     base_path = resolve_speech_model(cfg, train)
     check_speech_model(cfg, base_path, sorted(train))
+    check_clip_lengths(cfg, base_path, [ex for rows in (*train.values(), *held_out.values()) for ex in rows])
     for lang in sorted(train):
         log.info("%s: %d training clips, %d held-out clips", lang, len(train[lang]), len(held_out[lang]))
     return PreparedSpeechJob(base_path, sorted(train), train, held_out)
@@ -122,6 +124,20 @@ def resolve_speech_model(cfg: FinetuneConfig, train: dict[str, list[SpeechExampl
             raise ConfigError("model.embedded_whisper", str(err)) from err
         return str(path)
     return resolve_model_name(name)
+
+
+def check_clip_lengths(cfg: FinetuneConfig, base_path: str, examples: list[SpeechExample]) -> None:
+    """Every clip fits the model's window (30 s for OpenAI's checkpoints): longer ones would be cut."""
+    from transformers import WhisperFeatureExtractor
+
+    window_s = WhisperFeatureExtractor.from_pretrained(base_path).n_samples / TARGET_RATE
+    longest = max(examples, key=lambda ex: len(ex.audio))
+    if len(longest.audio) > window_s * TARGET_RATE:
+        field = "model.embedded_whisper.window_seconds" if cfg.model.name == "embedded" else "speech.source"
+        raise ConfigError(
+            field, f"a {longest.locale} clip ({longest.sentence!r}) is {len(longest.audio) / TARGET_RATE:.1f} s long, "
+            f"but the model sees {window_s:g} s at a time: use shorter clips or a longer window",
+        )
 
 
 def check_speech_model(cfg: FinetuneConfig, base_path: str, languages: list[str]) -> None:

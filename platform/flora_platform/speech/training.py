@@ -45,7 +45,8 @@ class SpeechTask:
 
     def row_losses(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = inputs["labels"]  # [B, L], -100 where no loss
-        logits = model(input_features=inputs["input_features"], decoder_input_ids=inputs["decoder_input_ids"]).logits
+        features = inputs["input_features"].to(next(model.parameters()).dtype)  # bf16/fp16 training
+        logits = model(input_features=features, decoder_input_ids=inputs["decoder_input_ids"]).logits
         losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, L]
         return losses.sum(1), (labels != -100).sum(1)
 
