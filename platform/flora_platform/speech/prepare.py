@@ -44,9 +44,12 @@ def prepare_speech_job(cfg: FinetuneConfig) -> PreparedSpeechJob:
     examples = read_examples(cfg)
     train, held_out = split_examples(examples, cfg.speech.eval_fraction, cfg.speech.seed)
     held_out = {lang: spread(rows, cfg.speech.eval_examples) for lang, rows in held_out.items()}
+    clips = [ex for rows in (*train.values(), *held_out.values()) for ex in rows]
+    if cfg.model.name == "embedded":  # before the model is built (and pre-trained on these clips)
+        check_clip_lengths(cfg, cfg.model.embedded_whisper.window_seconds, clips)
     base_path = resolve_speech_model(cfg, train)
     check_speech_model(cfg, base_path, sorted(train))
-    check_clip_lengths(cfg, base_path, [ex for rows in (*train.values(), *held_out.values()) for ex in rows])
+    check_clip_lengths(cfg, window_seconds(base_path), clips)
     for lang in sorted(train):
         log.info("%s: %d training clips, %d held-out clips", lang, len(train[lang]), len(held_out[lang]))
     return PreparedSpeechJob(base_path, sorted(train), train, held_out)
@@ -126,11 +129,15 @@ def resolve_speech_model(cfg: FinetuneConfig, train: dict[str, list[SpeechExampl
     return resolve_model_name(name)
 
 
-def check_clip_lengths(cfg: FinetuneConfig, base_path: str, examples: list[SpeechExample]) -> None:
-    """Every clip fits the model's window (30 s for OpenAI's checkpoints): longer ones would be cut."""
+def window_seconds(base_path: str) -> float:
+    """The audio one forward sees: 30 s for OpenAI's checkpoints."""
     from transformers import WhisperFeatureExtractor
 
-    window_s = WhisperFeatureExtractor.from_pretrained(base_path).n_samples / TARGET_RATE
+    return WhisperFeatureExtractor.from_pretrained(base_path).n_samples / TARGET_RATE
+
+
+def check_clip_lengths(cfg: FinetuneConfig, window_s: float, examples: list[SpeechExample]) -> None:
+    """Every clip fits the model's window: longer ones would be cut, and their transcripts with them."""
     longest = max(examples, key=lambda ex: len(ex.audio))
     if len(longest.audio) > window_s * TARGET_RATE:
         field = "model.embedded_whisper.window_seconds" if cfg.model.name == "embedded" else "speech.source"
