@@ -137,7 +137,7 @@ class ChoiceBuilder:
 class AdapterService:
     """What every replica's service has, whatever it generates: the model with adapter banks,
     adapter sources (directory and registry), name resolution off the event loop, request
-    records. Subclasses add their engine and set `self._unload` (engine key -> unloaded?)."""
+    records. Subclasses add their engine, `load_adapter`, `unload_key`, `alive` and `snapshot`."""
 
     def __init__(self, cfg: ServeConfig, model, *, tracking_uri: str = "", on_record: Callable[[RequestRecord], None] | None = None):
         self.cfg = cfg
