@@ -110,6 +110,21 @@ start_node head --head --port="$gcs_port" --ray-client-server-port="$(free_ports
 for i in $(seq 1 "$workers"); do
   start_node "worker-$i" --address="127.0.0.1:$gcs_port"
 done
+# "Ray runtime started" comes before the dashboard (the job API) listens; `ray job submit` and
+# `serve deploy` right after would be refused. Any HTTP answer (401 with token auth) means it is up.
+dashboard_up() {
+  python - "$dashboard_port" <<'PY'
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=2)
+except urllib.error.HTTPError:
+    pass
+except OSError:
+    sys.exit(1)
+PY
+}
+for _ in $(seq 1 120); do dashboard_up && break; sleep 0.5; done
+dashboard_up || { echo "the dashboard did not answer on port $dashboard_port within 60 s; see $state/head.log" >&2; false; }
 trap - ERR
 
 echo "$gcs_port" >"$state/gcs_port"
