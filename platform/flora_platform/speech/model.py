@@ -111,8 +111,10 @@ def ensure_embedded_whisper(
     and so training on a CPU, proportionally cheaper: clips longer than it are refused).
 
     pretrain_steps > 0: train every weight for that many AdamW steps on `pretrain_examples`
-    (mixed languages, batches of 8), so that the model starts as a weak recogniser that adapters
-    can improve per language, as Whisper is for the paper's languages.
+    (mixed languages, batches of 8, constant learning rate), so that adapters start from a model
+    that has heard the languages, as Whisper has for the paper's. On a few hundred sentences per
+    language a model this small memorises them rather than learning to recognise new ones (see
+    the README's speech section): it is a working base for the pipeline, not a good recogniser.
     """
     settings = dict(
         vocab_size=vocab_size, d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
