@@ -67,11 +67,13 @@ def prepare_job(cfg: FinetuneConfig) -> PreparedJob:
     return PreparedJob(base_path, languages, train_blocks, eval_blocks)
 
 
-def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """`n` blocks evenly spaced over all held-out documents, not the first document's blocks."""
-    if len(blocks) <= n:
-        return blocks
-    return blocks[torch.linspace(0, len(blocks) - 1, n).round().long()]
+def spread(rows, n: int):
+    """`n` rows (blocks of a tensor, or items of a list) evenly spaced over all of them, so that a
+    held-out sample covers every held-out document or speaker, not just the first ones."""
+    if len(rows) <= n:
+        return rows
+    picked = torch.linspace(0, len(rows) - 1, n).round().long()
+    return rows[picked] if isinstance(rows, torch.Tensor) else [rows[i] for i in picked.tolist()]
 
 
 def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) -> str:

@@ -199,20 +199,17 @@ async def _transcription_form(request: HttpRequest, max_bytes: int) -> tuple[byt
 
 async def _transcribe(service: TranscriptionService, rid: str, request: HttpRequest):
     started = time.monotonic()
-    model, status, result = "<unresolved>", 500, None
+    model, status, result = "<unresolved>", 500, None  # 500 stands for a bug, raised as it is
     try:
         data, model, language, response_format = await _transcription_form(request, service.cfg.limits.max_audio_bytes)
-        result = await service.transcribe(rid, model, data, language, started + service.cfg.limits.request_timeout_s)
+        result = await _answer(service.transcribe(model, data, language, started + service.cfg.limits.request_timeout_s))
         status = 200
+    except ApiError as err:
+        status = err.status
+        raise
     except asyncio.CancelledError:
         status = CLIENT_GONE
         raise
-    except Exception as err:
-        api = as_api_error(err)
-        status = api.status if api else 500
-        if api is None:
-            raise
-        raise api from err
     finally:
         service.record(RequestRecord(
             request_id=rid, model=model, source=result.target.source if result else "-", status=status,

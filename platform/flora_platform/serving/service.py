@@ -137,7 +137,8 @@ class ChoiceBuilder:
 class AdapterService:
     """What every replica's service has, whatever it generates: the model with adapter banks,
     adapter sources (directory and registry), name resolution off the event loop, request
-    records. Subclasses add their engine, `load_adapter`, `unload_key`, `alive` and `snapshot`."""
+    records, admission up to `capacity`. Subclasses add their engine, `load_adapter`,
+    `unload_key`, `alive` and `engine_snapshot`."""
 
     def __init__(self, cfg: ServeConfig, model, *, tracking_uri: str = "", on_record: Callable[[RequestRecord], None] | None = None):
         self.cfg = cfg
@@ -155,6 +156,38 @@ class AdapterService:
         self._io = ThreadPoolExecutor(4, thread_name_prefix="flora-adapters")
         self._names: dict[str, set[str]] = defaultdict(set)  # engine key -> names clients used for it
         self.requests: Counter[tuple[str, int]] = Counter()  # (model as requested, HTTP status)
+        self._inflight = 0  # engine requests admitted and not yet finished
+        self._lock = threading.Lock()
+
+    def admit(self, count: int) -> None:
+        """Count `count` more engine requests in, all or none: Overloaded when the replica is full."""
+        with self._lock:
+            if self._inflight + count > self.capacity:
+                raise Overloaded(
+                    f"this replica is full ({self._inflight} requests running or queued, limit {self.capacity}): "
+                    f"retry after {self.cfg.limits.retry_after_s:g} s",
+                    self.cfg.limits.retry_after_s,
+                )
+            self._inflight += count
+
+    def release(self, count: int) -> None:
+        with self._lock:
+            self._inflight -= count
+
+    def engine_snapshot(self) -> dict:
+        raise NotImplementedError
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            inflight = self._inflight
+        return {
+            "engine": self.engine_snapshot(),
+            "inflight": inflight,
+            "capacity": self.capacity,
+            "forwards": self.forwards.snapshot(),
+            "adapters_resident": self.resident(),
+            "requests": self.requests_snapshot(),
+        }
 
     async def preload(self, names) -> None:
         for name in names:
@@ -232,8 +265,6 @@ class CompletionService(AdapterService):
         )
         self.context_len = self.engine.context_len
         self.max_prompt_tokens = cfg.limits.max_prompt_tokens or self.context_len - 1
-        self._inflight = 0
-        self._lock = threading.Lock()
         self._pumps = ThreadPoolExecutor(self.capacity + 8, thread_name_prefix="flora-stream")
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self.engine.run_forever, name="flora-engine", daemon=True)
@@ -330,14 +361,7 @@ class CompletionService(AdapterService):
 
     def submit(self, requests: list[Request]) -> Run:
         """Admit all of `requests` or none (Overloaded) and start streaming their events."""
-        with self._lock:
-            if self._inflight + len(requests) > self.capacity:
-                raise Overloaded(
-                    f"this replica is full ({self._inflight} requests running or queued, limit {self.capacity}): "
-                    f"retry after {self.cfg.limits.retry_after_s:g} s",
-                    self.cfg.limits.retry_after_s,
-                )
-            self._inflight += len(requests)
+        self.admit(len(requests))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         handles: list[RequestHandle] = []
@@ -347,7 +371,7 @@ class CompletionService(AdapterService):
         except BaseException:
             for h in handles:
                 h.cancel()
-            self._release(len(requests) - len(handles))
+            self.release(len(requests) - len(handles))
             for i, h in enumerate(handles):
                 self._pumps.submit(self._pump, i, h, loop, queue)
             raise
@@ -365,23 +389,10 @@ class CompletionService(AdapterService):
             handle.cancel()
             handle.result()
         finally:
-            self._release(1)
+            self.release(1)
 
-    def _release(self, count: int) -> None:
-        with self._lock:
-            self._inflight -= count
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            inflight = self._inflight
-        return {
-            "engine": self.engine.metrics.snapshot(),
-            "inflight": inflight,
-            "capacity": self.capacity,
-            "forwards": self.forwards.snapshot(),
-            "adapters_resident": self.resident(),
-            "requests": self.requests_snapshot(),
-        }
+    def engine_snapshot(self) -> dict:
+        return self.engine.metrics.snapshot()
 
 
 class ForwardStats:

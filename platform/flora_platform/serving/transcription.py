@@ -2,7 +2,7 @@
 language adapter it names.
 
     service = TranscriptionService(cfg, tracking_uri=...)     # Whisper + banks, the batch thread
-    result = await service.transcribe(rid, "flora-speech-de@champion", wav_bytes, language=None)
+    result = await service.transcribe("flora-speech-de@champion", wav_bytes, language=None)
 
 A request's audio is decoded and checked here (not WAV, empty, an unusable sample rate, longer
 than the model's window: `BadAudio`, HTTP 400), resampled to 16 kHz and turned into log-mel
@@ -16,7 +16,6 @@ The language token: the request's `language`, else the one the adapter's name en
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from dataclasses import dataclass
 from flora.engine.transcriber import Transcriber, TranscriberConfig, TranscriptionRequest
 from flora_platform.serving.config import ServeConfig
 from flora_platform.serving.model import load_model
-from flora_platform.serving.service import AdapterService, BadPrompt, Overloaded, RequestRecord
+from flora_platform.serving.service import AdapterService, BadPrompt, RequestRecord
 from flora_platform.serving.sources import Target
-from flora_platform.speech.audio import AudioError, decode_wav, to_16k
+from flora_platform.speech.audio import TARGET_RATE, decode_wav, to_16k
 from flora_platform.speech.model import audio_features, audio_window_seconds, language_tokens
 
 
@@ -57,8 +56,6 @@ class TranscriptionService(AdapterService):
             self.model, loader=self.sources,
             config=TranscriberConfig(max_batch_rows=e.max_batch_rows, load_threads=e.load_threads),
         ).start()
-        self._inflight = 0
-        self._lock = threading.Lock()
 
     @property
     def alive(self) -> bool:
@@ -98,18 +95,16 @@ class TranscriptionService(AdapterService):
         try:
             samples, rate = decode_wav(data, max_seconds=self.window_s)
             samples = to_16k(samples, rate)
-            return audio_features(self.processor, [samples])[0], len(samples) / 16_000
-        except AudioError as err:
-            raise BadAudio(str(err)) from err
-        except ValueError as err:  # longer than the window after resampling rounds up
+            return audio_features(self.processor, [samples])[0], len(samples) / TARGET_RATE
+        except ValueError as err:  # AudioError, or longer than the window once resampling rounds up
             raise BadAudio(str(err)) from err
 
-    async def transcribe(self, rid: str, model: str, data: bytes, language: str | None, deadline_s: float) -> Transcription:
+    async def transcribe(self, model: str, data: bytes, language: str | None, deadline_s: float) -> Transcription:
         target = await self.resolve(model)
         locale = self.language_of(target, language)
         features, duration = await asyncio.get_running_loop().run_in_executor(None, self.features, data)
         request = TranscriptionRequest(features, language=f"<|{locale}|>", adapter=target.key)
-        self._admit()
+        self.admit(1)
         try:
             future = self.transcriber.submit(request)
             ids = await asyncio.wait_for(asyncio.wrap_future(future), deadline_s - time.monotonic())
@@ -117,33 +112,10 @@ class TranscriptionService(AdapterService):
             request.future.cancel()
             raise TimeoutError from None
         finally:
-            self._release()
+            self.release(1)
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Transcription(text, locale, duration, len(ids), target)
 
-    def _admit(self) -> None:
-        with self._lock:
-            if self._inflight >= self.capacity:
-                raise Overloaded(
-                    f"this replica is full ({self._inflight} transcriptions running or queued, limit {self.capacity}): "
-                    f"retry after {self.cfg.limits.retry_after_s:g} s",
-                    self.cfg.limits.retry_after_s,
-                )
-            self._inflight += 1
-
-    def _release(self) -> None:
-        with self._lock:
-            self._inflight -= 1
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            inflight = self._inflight
+    def engine_snapshot(self) -> dict:
         t = self.transcriber
-        return {
-            "engine": {"generated_tokens": t.generated, "batches": t.batches, "rows": t.rows, "waiting": t.waiting},
-            "inflight": inflight,
-            "capacity": self.capacity,
-            "forwards": self.forwards.snapshot(),
-            "adapters_resident": self.resident(),
-            "requests": self.requests_snapshot(),
-        }
+        return {"generated_tokens": t.generated, "batches": t.batches, "rows": t.rows, "waiting": t.waiting}

@@ -14,12 +14,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from flora_platform.config import ConfigError, FinetuneConfig
-from flora_platform.prepare import check_targets, resolve_model_name
+from flora_platform.prepare import check_targets, resolve_model_name, spread
 from flora_platform.speech.audio import TARGET_RATE
 from flora_platform.speech.corpus import DEFAULT_LANGUAGES, CorpusError, SpeechExample, load_examples, synthesize_corpus
-from flora_platform.speech.model import PROMPT_LENGTH, decoder_prompt, ensure_embedded_whisper
+from flora_platform.speech.model import PROMPT_LENGTH, audio_window_seconds, decoder_prompt, ensure_embedded_whisper
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,7 @@ def prepare_speech_job(cfg: FinetuneConfig) -> PreparedSpeechJob:
     if cfg.model.name == "embedded":  # before the model is built (and pre-trained on these clips)
         check_clip_lengths(cfg, cfg.model.embedded_whisper.window_seconds, clips)
     base_path = resolve_speech_model(cfg, train)
-    check_speech_model(cfg, base_path, sorted(train))
-    check_clip_lengths(cfg, window_seconds(base_path), clips)
+    check_speech_model(cfg, base_path, sorted(train), clips)
     for lang in sorted(train):
         log.info("%s: %d training clips, %d held-out clips", lang, len(train[lang]), len(held_out[lang]))
     return PreparedSpeechJob(base_path, sorted(train), train, held_out)
@@ -68,9 +66,7 @@ def read_examples(cfg: FinetuneConfig) -> list[SpeechExample]:
             if not source.exists():
                 raise CorpusError(f"{s.source} does not exist; pass a corpus directory or a .parquet/.tsv file")
         examples = load_examples(source, locales=locales)
-    except (CorpusError, ValueError) as err:  # ValueError: unknown embedded language, bad audio
-        raise ConfigError("speech.source", str(err)) from err
-    except RuntimeError as err:  # espeak-ng missing
+    except (ValueError, RuntimeError) as err:  # CorpusError, bad audio, unknown embedded language; no espeak-ng
         raise ConfigError("speech.source", str(err)) from err
     missing = sorted(set(locales or ()) - {ex.locale for ex in examples})
     if missing:
@@ -103,13 +99,6 @@ def split_examples(
     return train, held_out
 
 
-def spread(rows: list, n: int) -> list:
-    """`n` rows evenly spaced over the list (all of them when it is shorter)."""
-    if len(rows) <= n:
-        return list(rows)
-    return [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
-
-
 def resolve_speech_model(cfg: FinetuneConfig, train: dict[str, list[SpeechExample]]) -> str:
     name = cfg.model.name
     if name == "embedded":
@@ -129,13 +118,6 @@ def resolve_speech_model(cfg: FinetuneConfig, train: dict[str, list[SpeechExampl
     return resolve_model_name(name)
 
 
-def window_seconds(base_path: str) -> float:
-    """The audio one forward sees: 30 s for OpenAI's checkpoints."""
-    from transformers import WhisperFeatureExtractor
-
-    return WhisperFeatureExtractor.from_pretrained(base_path).n_samples / TARGET_RATE
-
-
 def check_clip_lengths(cfg: FinetuneConfig, window_s: float, examples: list[SpeechExample]) -> None:
     """Every clip fits the model's window: longer ones would be cut, and their transcripts with them."""
     longest = max(examples, key=lambda ex: len(ex.audio))
@@ -147,19 +129,20 @@ def check_clip_lengths(cfg: FinetuneConfig, window_s: float, examples: list[Spee
         )
 
 
-def check_speech_model(cfg: FinetuneConfig, base_path: str, languages: list[str]) -> None:
-    """Whisper? A language token per locale? Targets that match? Checked without loading weights."""
-    from transformers import AutoConfig, WhisperTokenizer
+def check_speech_model(cfg: FinetuneConfig, base_path: str, languages: list[str], clips: list[SpeechExample]) -> None:
+    """Whisper? A language token per locale? Lengths within its decoder and its window? Targets
+    that match? Checked without loading weights."""
+    from transformers import AutoConfig, WhisperProcessor
 
     check_targets(cfg, base_path)  # also: is it Whisper
     config = AutoConfig.from_pretrained(base_path)
     try:
-        tokenizer = WhisperTokenizer.from_pretrained(base_path)
+        processor = WhisperProcessor.from_pretrained(base_path)
     except (OSError, ValueError) as err:
-        raise ConfigError("model.name", f"cannot load a Whisper tokenizer from {base_path!r}: {err}") from err
+        raise ConfigError("model.name", f"cannot load a Whisper tokenizer and feature extractor from {base_path!r}: {err}") from err
     for lang in languages:
         try:
-            decoder_prompt(tokenizer, lang)
+            decoder_prompt(processor.tokenizer, lang)
         except ValueError as err:
             raise ConfigError("speech.languages", str(err)) from err
     for name, limit in (("max_label_tokens", config.max_target_positions - 1),
@@ -170,3 +153,4 @@ def check_speech_model(cfg: FinetuneConfig, base_path: str, languages: list[str]
                 f"must be <= {limit} (the model's max_target_positions is {config.max_target_positions}), "
                 f"got {getattr(cfg.speech, name)}",
             )
+    check_clip_lengths(cfg, audio_window_seconds(processor), clips)

@@ -50,10 +50,15 @@ class SpeechTask:
         losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, L]
         return losses.sum(1), (labels != -100).sum(1)
 
-    def eval_batches(self, lang: str, rank: int, world: int, batch_size: int) -> Iterator[dict]:
+    def held_out_rows(self, lang: str, rank: int, world: int, batch_size: int) -> Iterator[list[SpeechExample]]:
+        """This worker's share of a language's held-out clips, `batch_size` at a time."""
         shard = self.held_out[lang][rank::world]
         for start in range(0, len(shard), batch_size):
-            yield encode_batch(self.processor, shard[start : start + batch_size], self.settings.max_label_tokens)
+            yield shard[start : start + batch_size]
+
+    def eval_batches(self, lang: str, rank: int, world: int, batch_size: int) -> Iterator[dict]:
+        for rows in self.held_out_rows(lang, rank, world, batch_size):
+            yield encode_batch(self.processor, rows, self.settings.max_label_tokens)
 
     @torch.no_grad()
     def score(self, model, route_names, rank: int, world: int, batch_size: int, device) -> dict[str, float]:
@@ -62,9 +67,7 @@ class SpeechTask:
 
         counts = torch.zeros(len(self.languages), 4, dtype=torch.float64)  # errors, words, normalised both
         for i, lang in enumerate(self.languages):
-            shard = self.held_out[lang][rank::world]
-            for start in range(0, len(shard), batch_size):
-                rows = shard[start : start + batch_size]
+            for rows in self.held_out_rows(lang, rank, world, batch_size):
                 with flora.route(model, [route_names(lang)] * len(rows)):
                     texts = transcribe(model, self.processor, [ex.audio for ex in rows], [lang] * len(rows),
                                        self.settings.max_new_tokens)
