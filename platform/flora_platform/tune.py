@@ -197,6 +197,18 @@ def worker_placement_group() -> dict:
     return {PLACEMENT_GROUP_KEY: group.id.hex()} if group else {}
 
 
+def job_placement_groups() -> list[str]:
+    """Placement groups created by this driver's job (its trials' actors and their Ray Train
+    workers) that are not removed yet. A placement group id ends with its job's id."""
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()  # hex
+    return [
+        group_hex for group_hex, info in placement_group_table().items()
+        if group_hex.endswith(job) and info.get("state") != "REMOVED"
+    ]
+
+
 def release_placement_group(group_hex: str) -> None:
     """Remove a trial's worker placement group if it is still held.
 
@@ -307,9 +319,11 @@ class TrialTracker(ray.tune.Callback):
             self._releases.remove((when, group))
 
     def on_experiment_end(self, trials, **info):
-        # Every trial actor is gone now, interrupted ones included. (The group of a trial stopped
-        # before its first report is unknown here; it goes when the search's driver exits.)
-        groups = set(self._groups)
+        # Every trial has been stopped now, interrupted ones included. Groups no report named (a
+        # trial stopped before its report reached the driver) would stay held until the driver
+        # exits, which in a long-lived driver (a notebook, a test) is never: the search's job
+        # created them, so every group of the job still held goes.
+        groups = set(self._groups) | set(job_placement_groups())
         for trial in trials:
             if (trial.last_result or {}).get(PLACEMENT_GROUP_KEY):
                 groups.add(trial.last_result[PLACEMENT_GROUP_KEY])

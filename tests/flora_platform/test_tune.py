@@ -23,7 +23,7 @@ from flora_platform.config import ConfigError, load_config
 from flora_platform.prepare import prepare_job
 from flora_platform.search_config import SearchJobConfig, trial_config
 from flora_platform.search_results import TrialOutcome, best_trials, failure_message, summary_rows, summary_table
-from flora_platform.tune import error_summary, param_space, search_algorithm
+from flora_platform.tune import TrialTracker, error_summary, job_placement_groups, param_space, search_algorithm
 
 from .conftest import load_job, tiny_job_overrides
 
@@ -202,6 +202,19 @@ def test_error_summary_finds_the_workers_error_under_the_wrappers():
 
 
 # --------------------------------------------------------------------------- real searches
+
+
+@pytest.mark.ray
+def test_search_end_releases_groups_no_trial_reported(ray_local):
+    """A trial stopped before its first report reached the driver leaves a placement group the
+    tracker never heard of; the search's end releases it all the same (it belongs to the job)."""
+    from ray.util.placement_group import placement_group
+
+    group = placement_group([{"CPU": 0.01}])
+    assert group.wait(30)
+    assert group.id.hex() in job_placement_groups()
+    TrialTracker(config={}, parent_run_id="unused").on_experiment_end(trials=[])
+    assert_no_placement_group_held()
 
 
 @pytest.mark.ray
