@@ -70,7 +70,7 @@ def run(cfg: FinetuneConfig) -> dict:
         "mlflow_run_id": run_id,
     }
     try:
-        result = build_trainer(cfg, loop_config).fit()
+        result = build_trainer(cfg, loop_config, name=train_run_name(cfg, run_id)).fit()
         metrics = dict(result.metrics)
         with result.checkpoint.as_directory() as directory:
             uris = tracking.log_adapters(
@@ -86,6 +86,14 @@ def run(cfg: FinetuneConfig) -> dict:
         raise
     tracking.finish_run(cfg.tracking_uri, run_id, ok=True)
     return {"metrics": metrics, "adapter_uris": uris, "run_id": run_id, "table": table, "rows": rows}
+
+
+def train_run_name(cfg: FinetuneConfig, run_id: str) -> str:
+    """Ray Train's directory for this MLflow run under run.storage_path. A job restarted before
+    its run finished continues the same MLflow run and so resumes from the same checkpoints; a
+    job submitted again after a finished one starts a new run and trains anew, instead of
+    reporting (and registering again) the finished run's adapters."""
+    return f"{cfg.run.name}-{run_id[:8]}"
 
 
 def main(argv=None) -> int:

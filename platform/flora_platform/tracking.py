@@ -16,6 +16,8 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from flora_platform.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "flora.run_name"
@@ -26,7 +28,8 @@ def client_for(tracking_uri: str) -> MlflowClient:
 
 
 def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
-    """The MLflow run of this job: an unfinished run of the same name is continued (a restarted job)."""
+    """The MLflow run of this job: an unfinished run of the same name is continued (a restarted
+    job), provided it was started with the same params; otherwise a new run starts."""
     client = client_for(tracking_uri)
     experiment_id = experiment_id_for(tracking_uri, experiment)
     unfinished = client.search_runs(
@@ -36,6 +39,14 @@ def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str, param
     )
     if unfinished:
         run_id = unfinished[0].info.run_id
+        logged = unfinished[0].data.params
+        changed = sorted(k for k, v in params.items() if k in logged and logged[k] != param_value(v))
+        if changed:
+            raise ConfigError(
+                "run.name", f"{run_name!r} names an unfinished MLflow run ({run_id}) started with other settings "
+                f"({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''}): submit it with the same settings to "
+                "resume it, or give this job another run.name",
+            )
         client.update_run(run_id, status="RUNNING")
         log.info("continuing MLflow run %s", run_id)
         return run_id
@@ -48,9 +59,14 @@ def log_params(client, run_id: str, params: dict) -> None:
     """All `params` in batches (one request each, not one per parameter), values cut to MLflow's limit."""
     from mlflow.entities import Param
 
-    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    items = [Param(key, param_value(value)) for key, value in params.items()]
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[start:start + 100])
+
+
+def param_value(value) -> str:
+    """A param as MLflow keeps it: a string of at most 6000 characters."""
+    return str(value)[:6000]
 
 
 def experiment_id_for(tracking_uri: str, experiment: str) -> str:

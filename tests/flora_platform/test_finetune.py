@@ -11,7 +11,7 @@ import pytest
 import flora
 from flora_platform import tracking
 from flora_platform.base_model import load_base
-from flora_platform.config import FinetuneConfig, load_config
+from flora_platform.config import ConfigError, FinetuneConfig, load_config
 
 from .conftest import load_job, tiny_job_overrides
 
@@ -50,6 +50,22 @@ def test_two_worker_run_logs_registers_and_serves(ray_local, tmp_path):
     banks = flora.inject(model, "gpt_bigcode", max_rank=4)
     banks.load("python", adapter)
     assert banks.names == ["python"]
+
+    # The same command again after the run finished: a new run that trains anew (it does not
+    # resume the finished run's last checkpoint) and registers new versions.
+    again = finetune.run(cfg)
+    assert again["run_id"] != out["run_id"] and again["metrics"]["resumed_from_step"] == 0
+    assert sorted(int(v.version) for v in client.search_model_versions("name='flora-python'")) == [1, 2]
+
+
+def test_unfinished_run_continues_only_with_the_same_settings(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tracking.start_or_resume_run(uri, "exp", "job", {"adapter.rank": 4, "train.lr": 0.008}, tags={})
+    tracking.finish_run(uri, first, ok=False)  # a job that died
+    assert tracking.start_or_resume_run(uri, "exp", "job", {"adapter.rank": 4, "train.lr": 0.008}, tags={}) == first
+    tracking.finish_run(uri, first, ok=False)
+    with pytest.raises(ConfigError, match=r"run\.name: 'job' names an unfinished MLflow run .* \(adapter\.rank\)"):
+        tracking.start_or_resume_run(uri, "exp", "job", {"adapter.rank": 8, "train.lr": 0.008}, tags={})
 
 
 def _kill_one_worker_after_first_checkpoint(storage: Path, killed: list, stop: threading.Event):
