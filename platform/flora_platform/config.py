@@ -45,8 +45,11 @@ class EmbeddedBaseConfig:
 
 @dataclass(frozen=True)
 class EmbeddedWhisperConfig:
-    """The default speech model (task=speech): a tiny multilingual Whisper pre-trained on the
-    speech corpus's training split, all languages mixed, before any adapter sees it."""
+    """The default speech model (task=speech): a tiny multilingual Whisper pre-trained, all
+    languages mixed, before any adapter sees it: on new sentences of separately spoken words at
+    every step when speech.source is the embedded corpus (`flora_platform.speech.word_bank`),
+    else on the source's training split. pretrain_ctc_weight: the share of an encoder CTC loss
+    in pre-training (see `flora_platform.speech.model.pretrain`); 0 trains the decoder loss only."""
 
     vocab_size: int = 1024
     d_model: int = 64
@@ -56,8 +59,9 @@ class EmbeddedWhisperConfig:
     ffn_dim: int = 256
     max_target_positions: int = 48
     window_seconds: int = 6  # the embedded corpus's clips are under 5 s; Whisper's own window is 30 s
-    pretrain_steps: int = 6000
+    pretrain_steps: int = 8000
     pretrain_lr: float = 2e-3
+    pretrain_ctc_weight: float = 0.5
     cache_dir: str = "~/.cache/flora/whisper"
 
 

@@ -108,18 +108,11 @@ def synthesize_corpus(
         "held_out": held_out, "seed": seed,
         "words": hashlib.sha256(json.dumps([WORDS[lang] for lang in languages]).encode()).hexdigest()[:16],
     }
-    if _is_built(out, stamp):
+    if is_built(out, stamp):
         logger.info("speech corpus: reusing %s", out)
         return out
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        raise RuntimeError(
-            "espeak-ng is not on PATH; the embedded speech corpus is spoken by it. "
-            "Install it with `apt-get install espeak-ng` (`make install` does this)"
-        )
-    for stale in (out / STAMP_NAME, out / MANIFEST_NAME):
-        stale.unlink(missing_ok=True)  # the stamp first: an interrupted rebuild is never reused
-    shutil.rmtree(out / "clips", ignore_errors=True)
+    espeak = find_espeak()
+    clear_stale(out)
 
     rows, total = [], len(languages) * (per_language + held_out)
     with tempfile.TemporaryDirectory(prefix="espeak-") as tmp:
@@ -130,13 +123,12 @@ def synthesize_corpus(
             for i, sentence in enumerate(sentences):
                 split = "train" if i < per_language else "test"
                 path = Path("clips") / locale / f"{locale}_{split}_{i:05d}.wav"
-                samples, rate = _speak(espeak, VOICES[locale], sentence, rng, Path(tmp) / "clip.wav")
-                write_wav(out / path, to_16k(samples, rate), TARGET_RATE)
+                speed, pitch = rng.randint(*SPEED_WPM), rng.randint(*PITCH)
+                write_wav(out / path, speak(espeak, VOICES[locale], sentence, speed, pitch, Path(tmp) / "clip.wav"), TARGET_RATE)
                 rows.append({"path": path.as_posix(), "sentence": sentence, "locale": locale, "split": split})
                 if len(rows) % log_every == 0 or len(rows) == total:
                     logger.info("speech corpus: %d/%d clips spoken", len(rows), total)
-    pq.write_table(pa.Table.from_pylist(rows), out / MANIFEST_NAME)
-    (out / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
+    finish(out, rows, stamp)
     return out
 
 
@@ -184,7 +176,21 @@ def load_examples(
     return examples
 
 
-def _is_built(out: Path, stamp: dict) -> bool:
+def clear_stale(out: Path) -> None:
+    """Remove what an earlier or interrupted build left; the stamp first, so a half-rebuilt
+    directory is never taken for a whole one."""
+    for stale in (out / STAMP_NAME, out / MANIFEST_NAME):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(out / "clips", ignore_errors=True)
+
+
+def finish(out: Path, rows: list[dict], stamp: dict) -> None:
+    """Write the manifest, then the stamp that marks the directory whole."""
+    pq.write_table(pa.Table.from_pylist(rows), out / MANIFEST_NAME)
+    (out / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
+
+
+def is_built(out: Path, stamp: dict) -> bool:
     try:
         if json.loads((out / STAMP_NAME).read_text()) != stamp:
             return False
@@ -194,28 +200,43 @@ def _is_built(out: Path, stamp: dict) -> bool:
     return all((out / p).is_file() for p in paths)
 
 
+def as_sentence(words: list[str]) -> str:
+    """The words as a written sentence: first letter capitalised, a full stop at the end."""
+    sentence = " ".join(words)
+    return sentence[0].upper() + sentence[1:] + "."
+
+
 def _distinct_sentences(rng: random.Random, words: list[str], count: int) -> list[str]:
     sentences: list[str] = []
     seen: set[str] = set()
     while len(sentences) < count:
-        chosen = rng.sample(words, rng.randint(*WORDS_PER_SENTENCE))
-        sentence = " ".join(chosen)
-        sentence = sentence[0].upper() + sentence[1:] + "."
+        sentence = as_sentence(rng.sample(words, rng.randint(*WORDS_PER_SENTENCE)))
         if sentence not in seen:
             seen.add(sentence)
             sentences.append(sentence)
     return sentences
 
 
-def _speak(espeak: str, voice: str, sentence: str, rng: random.Random, wav_path: Path) -> tuple[np.ndarray, int]:
-    speed, pitch = rng.randint(*SPEED_WPM), rng.randint(*PITCH)
-    command = [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav_path), sentence]
+def find_espeak() -> str:
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise RuntimeError(
+            "espeak-ng is not on PATH; the embedded speech corpus is spoken by it. "
+            "Install it with `apt-get install espeak-ng` (`make install` does this)"
+        )
+    return espeak
+
+
+def speak(espeak: str, voice: str, text: str, speed: int, pitch: int, wav_path: Path) -> np.ndarray:
+    """`text` spoken by espeak-ng at `speed` words per minute and `pitch` (0..99), as 16 kHz samples."""
+    command = [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav_path), text]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"espeak-ng failed for voice {voice!r} ({err.stderr.strip()}); "
                            f"`espeak-ng --voices` lists the installed voices") from err
-    return decode_wav(wav_path.read_bytes())
+    samples, rate = decode_wav(wav_path.read_bytes())
+    return to_16k(samples, rate)
 
 
 def _read_rows(path: Path) -> list[dict]:

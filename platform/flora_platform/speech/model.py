@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -58,7 +60,7 @@ PROMPT_LENGTH = 4  # <|startoftranscript|> <|xx|> <|transcribe|> <|notimestamps|
 # lower case to be reachable; no "|" or spaces, which would break the <|xx|> form.
 LOCALE_PATTERN = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
 MARKER_NAME = "flora_embedded_whisper.json"  # written last: its presence means the directory is whole
-CACHE_FORMAT = 3  # bump when the build changes, so old caches are not reused
+CACHE_FORMAT = 4  # bump when the build changes, so old caches are not reused
 
 
 def load_speech_model(name_or_path: str, dtype=None) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
@@ -98,9 +100,10 @@ def ensure_embedded_whisper(
     max_target_positions: int = 64,
     window_seconds: int = 30,
     seed: int = 0,
-    pretrain_examples: Sequence[SpeechExample] = (),
+    pretrain_data: PretrainData | None = None,
     pretrain_steps: int = 0,
     pretrain_lr: float = 2e-3,
+    pretrain_ctc_weight: float = 0.5,
 ) -> Path:
     """Directory of the embedded Whisper for these sentences (pass the training split), built if missing.
 
@@ -110,39 +113,60 @@ def ensure_embedded_whisper(
     `window_seconds` (Whisper's 30 s by default; a shorter window makes the encoder's sequence,
     and so training on a CPU, proportionally cheaper: clips longer than it are refused).
 
-    pretrain_steps > 0: train every weight for that many AdamW steps on `pretrain_examples`
-    (mixed languages, batches of 8, constant learning rate), so that adapters start from a model
-    that has heard the languages, as Whisper has for the paper's. On a few hundred sentences per
-    language a model this small memorises them rather than learning to recognise new ones (see
-    the README's speech section): it is a working base for the pipeline, not a good recogniser.
+    pretrain_steps > 0: train every weight for that many AdamW steps on batches from
+    `pretrain_data` (see `pretrain`), so that adapters start from a model that has heard the
+    languages, as Whisper has for the paper's.
     """
     settings = dict(
         vocab_size=vocab_size, d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
         attention_heads=attention_heads, ffn_dim=ffn_dim, max_target_positions=max_target_positions,
         window_seconds=window_seconds, seed=seed, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
+        pretrain_ctc_weight=pretrain_ctc_weight,
     )
     _check_settings(sentences_by_locale, settings)
-    if pretrain_steps and not pretrain_examples:
-        raise ValueError("pretrain_steps > 0 needs pretrain_examples")
+    if pretrain_steps and pretrain_data is None:
+        raise ValueError("pretrain_steps > 0 needs pretrain_data")
     # Same key recipe as base_model's cache; the format tag keeps the two kinds apart.
     key = hashlib.sha256(json.dumps(
         {"format": f"whisper-{CACHE_FORMAT}", "settings": settings, "corpus": corpus_digest(sentences_by_locale),
-         "pretrain_examples": examples_digest(pretrain_examples) if pretrain_steps else None},
+         "pretrain_data": pretrain_data.digest() if pretrain_steps else None},
         sort_keys=True,
     ).encode())
     target = Path(cache_dir).expanduser() / f"embedded-whisper-{key.hexdigest()[:16]}"
     return build_once(
-        target, lambda tmp: _build(tmp, sentences_by_locale, settings, pretrain_examples), is_complete, "embedded whisper"
+        target, lambda tmp: _build(tmp, sentences_by_locale, settings, pretrain_data), is_complete, "embedded whisper"
     )
 
 
-def examples_digest(examples: Sequence[SpeechExample]) -> str:
-    """Hash of the examples' audio, transcripts and locales, in order."""
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(f"{ex.locale}\0{ex.sentence}\0{len(ex.audio)}\0".encode())
-        h.update(np.ascontiguousarray(ex.audio, dtype=np.float32).tobytes())
-    return h.hexdigest()
+class PretrainData(Protocol):
+    """Where pre-training batches come from: `ExamplePool` (a source's own training clips) or
+    `flora_platform.speech.word_bank.WordSentences` (new sentences at every step)."""
+
+    def digest(self) -> str:
+        """Names the data in the model cache's key: same digest, same batches."""
+
+    def batch(self, rng: random.Random, size: int, step: int) -> list[SpeechExample]:
+        """`size` mixed-language examples for pre-training step `step` (from 1)."""
+
+
+class ExamplePool:
+    """Pre-training batches drawn at random from fixed examples."""
+
+    def __init__(self, examples: Sequence[SpeechExample]):
+        if not examples:
+            raise ValueError("pre-training needs at least one example")
+        self.examples = list(examples)
+
+    def digest(self) -> str:
+        """Hash of the examples' audio, transcripts and locales, in order."""
+        h = hashlib.sha256()
+        for ex in self.examples:
+            h.update(f"{ex.locale}\0{ex.sentence}\0{len(ex.audio)}\0".encode())
+            h.update(np.ascontiguousarray(ex.audio, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+    def batch(self, rng: random.Random, size: int, step: int) -> list[SpeechExample]:
+        return rng.sample(self.examples, min(size, len(self.examples)))
 
 
 def is_complete(path: Path) -> bool:
@@ -164,6 +188,8 @@ def _check_settings(sentences_by_locale: dict[str, list[str]], s: dict) -> None:
             raise ValueError(f"{name} must be >= 1, got {s[name]}")
     if s["pretrain_steps"] < 0 or s["pretrain_lr"] <= 0:
         raise ValueError(f"pretrain_steps must be >= 0 and pretrain_lr > 0, got {s['pretrain_steps']} and {s['pretrain_lr']}")
+    if not 0 <= s["pretrain_ctc_weight"] < 1:
+        raise ValueError(f"pretrain_ctc_weight must be in [0, 1), got {s['pretrain_ctc_weight']}")
     if s["d_model"] % s["attention_heads"]:
         raise ValueError(f"d_model={s['d_model']} must be divisible by attention_heads={s['attention_heads']}")
     if s["vocab_size"] < 256 + 2:
@@ -192,7 +218,7 @@ def build_whisper_tokenizer(sentences_by_locale: dict[str, list[str]], vocab_siz
     return tokenizer
 
 
-def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretrain_examples: Sequence[SpeechExample]) -> None:
+def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretrain_data: PretrainData | None) -> None:
     started = time.perf_counter()
     tokenizer = build_whisper_tokenizer(sentences_by_locale, s["vocab_size"], s["max_target_positions"])
     ids = tokenizer.convert_tokens_to_ids
@@ -223,7 +249,8 @@ def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretra
     processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     final_loss = None
     if s["pretrain_steps"]:
-        final_loss = pretrain(model, processor, pretrain_examples, s["pretrain_steps"], s["pretrain_lr"], s["max_target_positions"] - 1, s["seed"])
+        final_loss = pretrain(model, processor, pretrain_data, s["pretrain_steps"], s["pretrain_lr"],
+                              s["max_target_positions"] - 1, s["seed"], ctc_weight=s["pretrain_ctc_weight"])
     model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {
@@ -235,29 +262,54 @@ def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretra
     logger.info("embedded whisper: %d parameters, %d tokens, locales %s", summary["parameters"], len(tokenizer), summary["locales"])
 
 
-def pretrain(model, processor, examples: Sequence[SpeechExample], steps: int, lr: float, max_label_tokens: int, seed: int,
-             batch_size: int = 8, log_every: int = 100) -> float:
-    """Train every weight on mixed-language batches drawn at random, at a constant learning rate;
-    returns the mean loss of the last 50 steps."""
-    import random
+def pretrain(model, processor, data: PretrainData, steps: int, lr: float, max_label_tokens: int, seed: int, *,
+             ctc_weight: float = 0.5, batch_size: int = 8, log_every: int = 100) -> float:
+    """Train every weight on `data`'s batches at a constant learning rate; returns the mean
+    decoder loss of the last 50 steps.
 
-    rng, pool = random.Random(seed), list(examples)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    ctc_weight > 0 adds a CTC loss on the encoder's output through a linear head that is
+    dropped afterwards (hybrid CTC/attention training, Watanabe et al. 2017). CTC's alignment is
+    monotonic, so it teaches the encoder where each word is from the first steps; the decoder's
+    cross-attention alone finds that out late, and a model this small finds it not at all before
+    it has memorised its training sentences.
+    """
+    rng = random.Random(seed)
+    blank = len(processor.tokenizer)  # one class past the vocabulary
+    ctc_head = torch.nn.Linear(model.config.d_model, blank + 1)
+    parameters = [*model.parameters(), *ctc_head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
     model.train()
     losses, started = [], time.perf_counter()
     for step in range(1, steps + 1):
-        batch = rng.sample(pool, min(batch_size, len(pool)))
-        loss = model(**encode_batch(processor, batch, max_label_tokens)).loss
+        batch = data.batch(rng, batch_size, step)
+        inputs = encode_batch(processor, batch, max_label_tokens)
+        out = model(**inputs)
+        loss = out.loss
+        if ctc_weight:
+            loss = (1 - ctc_weight) * loss + ctc_weight * _ctc_loss(
+                ctc_head, out.encoder_last_hidden_state, inputs["labels"], processor.tokenizer.eos_token_id, blank)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(out.loss.item())
         if step % log_every == 0 or step == steps:
-            logger.info("embedded whisper pre-training: step %d/%d, loss %.3f (%.0f s)", step, steps,
+            logger.info("embedded whisper pre-training: step %d/%d, decoder loss %.3f (%.0f s)", step, steps,
                         sum(losses[-log_every:]) / len(losses[-log_every:]), time.perf_counter() - started)
     model.eval()
     return sum(losses[-50:]) / len(losses[-50:])
+
+
+def _ctc_loss(head: torch.nn.Linear, encoded: torch.Tensor, labels: torch.Tensor, eos_id: int, blank: int) -> torch.Tensor:
+    """CTC of the transcripts (the labels' text tokens, <|endoftext|> excluded) given the encoder's
+    output [B, T, D]."""
+    log_probs = head(encoded).log_softmax(-1).transpose(0, 1)  # [T, B, V + 1]
+    keep = (labels != -100) & (labels != eos_id)  # text tokens only
+    targets = [row[mask] for row, mask in zip(labels, keep)]
+    return torch.nn.functional.ctc_loss(
+        log_probs, torch.cat(targets), torch.full((len(targets),), encoded.shape[1], dtype=torch.long),
+        torch.tensor([len(t) for t in targets]), blank=blank, zero_infinity=True,
+    )
 
 
 # --------------------------------------------------------------------------- prompts and batches

@@ -2,7 +2,8 @@
 before a worker starts.
 
 Examples (the embedded corpus is spoken here, or a Common Voice-style source is read) →
-held-out split → base model (the embedded Whisper is built and pre-trained here, cached) →
+held-out split → base model (the embedded Whisper is built and pre-trained here, cached: on
+sentences of separately spoken words for the embedded corpus, see `pretrain_data`) →
 language-token and target checks on a weightless copy → examples ready to ship to workers.
 """
 
@@ -18,7 +19,10 @@ from flora_platform.config import ConfigError, FinetuneConfig
 from flora_platform.prepare import check_targets, resolve_model_name, spread
 from flora_platform.speech.audio import TARGET_RATE
 from flora_platform.speech.corpus import DEFAULT_LANGUAGES, CorpusError, SpeechExample, load_examples, synthesize_corpus
-from flora_platform.speech.model import PROMPT_LENGTH, audio_window_seconds, decoder_prompt, ensure_embedded_whisper
+from flora_platform.speech.model import (
+    PROMPT_LENGTH, ExamplePool, PretrainData, audio_window_seconds, decoder_prompt, ensure_embedded_whisper,
+)
+from flora_platform.speech.word_bank import WordSentences, synthesize_word_bank
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +107,36 @@ def resolve_speech_model(cfg: FinetuneConfig, train: dict[str, list[SpeechExampl
     name = cfg.model.name
     if name == "embedded":
         e = cfg.model.embedded_whisper
-        examples = [ex for lang in sorted(train) for ex in train[lang]]
         try:
             path = ensure_embedded_whisper(
                 Path(e.cache_dir).expanduser(), {lang: [ex.sentence for ex in rows] for lang, rows in train.items()},
                 vocab_size=e.vocab_size, d_model=e.d_model, encoder_layers=e.encoder_layers,
                 decoder_layers=e.decoder_layers, attention_heads=e.attention_heads, ffn_dim=e.ffn_dim,
                 max_target_positions=e.max_target_positions, window_seconds=e.window_seconds, seed=cfg.train.seed,
-                pretrain_examples=examples, pretrain_steps=e.pretrain_steps, pretrain_lr=e.pretrain_lr,
+                pretrain_data=pretrain_data(cfg, train) if e.pretrain_steps else None,
+                pretrain_steps=e.pretrain_steps, pretrain_lr=e.pretrain_lr, pretrain_ctc_weight=e.pretrain_ctc_weight,
             )
         except ValueError as err:
             raise ConfigError("model.embedded_whisper", str(err)) from err
         return str(path)
     return resolve_model_name(name)
+
+
+def pretrain_data(cfg: FinetuneConfig, train: dict[str, list[SpeechExample]]) -> PretrainData:
+    """What the embedded Whisper is pre-trained on: for the embedded corpus, new sentences of its
+    words spoken one by one (its few hundred sentences per language would be memorised); for
+    any other source, its own training clips."""
+    if cfg.speech.source != "embedded":
+        return ExamplePool([ex for lang in sorted(train) for ex in train[lang]])
+    languages = tuple(sorted(train))
+    try:
+        bank = synthesize_word_bank(
+            Path(cfg.speech.corpus_dir).expanduser() / f"words_{'-'.join(languages)}_seed{cfg.speech.seed}",
+            languages, seed=cfg.speech.seed,
+        )
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError("speech.source", str(err)) from err
+    return WordSentences(bank, cfg.model.embedded_whisper.window_seconds)
 
 
 def check_clip_lengths(cfg: FinetuneConfig, window_s: float, examples: list[SpeechExample]) -> None:

@@ -1,5 +1,8 @@
 """The embedded Whisper: built, cached, loaded like a hub model; prompts, batches, greedy decoding, FLoRA."""
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +13,12 @@ from flora_platform.speech import model as speech_model
 from flora_platform.speech.corpus import SpeechExample
 from flora_platform.speech.model import (
     MARKER_NAME,
+    ExamplePool,
     decoder_prompt,
     encode_batch,
     ensure_embedded_whisper,
     load_speech_model,
+    pretrain,
     transcribe,
     transcribe_ids,
 )
@@ -127,7 +132,28 @@ def test_settings_and_locales_are_checked(tmp_path):
         ensure_embedded_whisper(tmp_path, SENTENCES, d_model=30)
     with pytest.raises(ValueError, match=">= 1 sentence"):
         ensure_embedded_whisper(tmp_path, {"de": []})
+    with pytest.raises(ValueError, match="needs pretrain_data"):
+        ensure_embedded_whisper(tmp_path, SENTENCES, pretrain_steps=5)
+    with pytest.raises(ValueError, match=r"pretrain_ctc_weight must be in \[0, 1\)"):
+        ensure_embedded_whisper(tmp_path, SENTENCES, pretrain_ctc_weight=1.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pretraining_lowers_the_decoder_loss_and_keeps_no_ctc_head(built, caplog):
+    """`pretrain` on a pool of four clips: the decoder's loss falls with the encoder's CTC loss
+    beside it, and the CTC head it trains is not part of the model it leaves."""
+    model, processor = load_speech_model(str(built[1]))
+    names = set(model.state_dict())
+    pool = ExamplePool([
+        example("de", "Der Hund läuft.", 200, 1), example("fr", "Le chat est calme.", 400, 2),
+        example("de", "Die Katze schläft.", 600, 3), example("fr", "L'enfant aime l'école.", 800, 4),
+    ])
+    with caplog.at_level(logging.INFO, logger="flora_platform.speech.model"):
+        pretrain(model, processor, pool, 20, 3e-3, 31, seed=0, ctc_weight=0.5, batch_size=4, log_every=5)
+    logged = [float(x) for x in re.findall(r"step \d+/20, decoder loss ([\d.]+)", caplog.text)]
+    assert len(logged) == 4 and logged[-1] < 0.6 * logged[0], caplog.text
+    assert set(model.state_dict()) == names and not model.training
+    assert pool.digest() == ExamplePool(list(pool.examples)).digest() != ExamplePool(pool.examples[:3]).digest()
 
 
 def test_load_speech_model_names_the_path_when_it_is_not_whisper(tmp_path):
