@@ -58,6 +58,7 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
         ("adapter.targets=[no_such_module]", "adapter.targets"),
         ("speech.source=./no/such/corpus", "speech.source"),
         ("model.embedded_whisper.window_seconds=1", "model.embedded_whisper.window_seconds"),  # clips are longer
+        ("model.embedded_whisper.pretrain_ctc_weight=1", "model.embedded_whisper"),  # nothing left for the decoder
     ],
 )
 def test_bad_speech_config_fails_before_any_worker(tmp_path, override, field):
