@@ -15,6 +15,7 @@ part to learn.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -90,25 +91,29 @@ class WordSentences:
     each spoken in one voice, languages drawn uniformly, never longer than `max_seconds`."""
 
     def __init__(self, bank_dir: str | Path, max_seconds: float):
-        bank_dir = Path(bank_dir)
-        rows = pq.read_table(bank_dir / MANIFEST_NAME).to_pylist()
-        # locale -> voice -> [(word, samples)]
-        self.clips: dict[str, dict[int, list[tuple[str, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
-        for row in rows:
-            samples, _ = decode_wav((bank_dir / row["path"]).read_bytes())
-            self.clips[row["locale"]][row["voice"]].append((row["word"], samples))
-        self.locales = sorted(self.clips)
+        self.bank_dir = Path(bank_dir)
         self.max_samples = int(max_seconds * TARGET_RATE)
         how = json.dumps([max_seconds, PAUSE_S, EDGE_S, STEPS_PER_WORD, WORDS_PER_SENTENCE])
-        self._digest = hashlib.sha256((bank_dir / STAMP_NAME).read_bytes() + how.encode()).hexdigest()
+        self._digest = hashlib.sha256((self.bank_dir / STAMP_NAME).read_bytes() + how.encode()).hexdigest()
 
     def digest(self) -> str:
         """Names the data for the model cache: the bank's build arguments and how sentences are made."""
         return self._digest
 
+    @functools.cached_property
+    def clips(self) -> dict[str, dict[int, list[tuple[str, np.ndarray]]]]:
+        """locale -> voice -> [(word, samples)], read when the first batch is made (a cached
+        model needs only the digest)."""
+        clips: dict = defaultdict(lambda: defaultdict(list))
+        for row in pq.read_table(self.bank_dir / MANIFEST_NAME).to_pylist():
+            samples, _ = decode_wav((self.bank_dir / row["path"]).read_bytes())
+            clips[row["locale"]][row["voice"]].append((row["word"], samples))
+        return clips
+
     def batch(self, rng: random.Random, size: int, step: int) -> list[SpeechExample]:
         most = min(WORDS_PER_SENTENCE[1], 1 + step // STEPS_PER_WORD)
-        return [self.sentence(rng, rng.choice(self.locales), most) for _ in range(size)]
+        locales = sorted(self.clips)
+        return [self.sentence(rng, rng.choice(locales), most) for _ in range(size)]
 
     def sentence(self, rng: random.Random, locale: str, most_words: int) -> SpeechExample:
         voice = self.clips[locale][rng.choice(sorted(self.clips[locale]))]
