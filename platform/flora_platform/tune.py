@@ -322,7 +322,8 @@ class TrialTracker(ray.tune.Callback):
         # Every trial has been stopped now, interrupted ones included. Groups no report named (a
         # trial stopped before its report reached the driver) would stay held until the driver
         # exits, which in a long-lived driver (a notebook, a test) is never: the search's job
-        # created them, so every group of the job still held goes.
+        # created them, so every group of the job still held goes. (jobs/tune.py, the driver,
+        # holds no placement group of its own.)
         groups = set(self._groups) | set(job_placement_groups())
         for trial in trials:
             if (trial.last_result or {}).get(PLACEMENT_GROUP_KEY):
