@@ -76,10 +76,13 @@ class ModelConfig:
 class SpeechConfig:
     """task=speech: where the (audio, transcript, locale) examples come from, and speech-only settings.
 
-    source: "embedded" (sentences spoken by espeak-ng into corpus_dir, with a held-out split) or
-        a corpus directory / Common Voice-style .parquet or .tsv (see flora_platform.speech.corpus).
-    languages: locales to keep; () keeps every locale of the source.
-    per_language / held_out: the embedded corpus's training and test clips per language.
+    source: "embedded" (sentences spoken by espeak-ng into corpus_dir, with a held-out split), a
+        corpus directory / Common Voice-style .parquet or .tsv, or a Hugging Face dataset laid
+        out as Common Voice (a config per locale) by hub id or downloaded repository directory
+        (see flora_platform.speech.corpus).
+    languages: locales to keep; () keeps every locale of the source (a hub dataset needs them named).
+    per_language / held_out: the embedded corpus's training and test clips per language; for a
+        hub dataset, the most rows read per language from its train and test splits.
     eval_fraction: held-out share per language for sources without a test split.
     eval_examples: held-out clips per language scored during training (loss and WER).
     max_label_tokens: transcript tokens per training example, prompt included (longer ones are cut).

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
+import soundfile
 import torch
 
 import flora
@@ -168,13 +169,19 @@ def test_the_openai_client_transcribes(speech):
     assert out.text == reference(speech, clip, "flora-speech-fr", "fr")
     text = client.audio.transcriptions.create(model="flora-speech-de", file=("clip.wav", clip), response_format="text")
     assert text.strip() == reference(speech, clip, "flora-speech-de", "de")
+    # The same samples as FLAC (lossless, 16-bit like the WAV): the same transcript.
+    samples, rate = soundfile.read(io.BytesIO(clip), dtype="int16")
+    flac = io.BytesIO()
+    soundfile.write(flac, samples, rate, format="FLAC", subtype="PCM_16")
+    out = client.audio.transcriptions.create(model="flora-speech-fr", file=("clip.flac", flac.getvalue(), "audio/flac"))
+    assert out.text == reference(speech, clip, "flora-speech-fr", "fr")
 
 
 @pytest.mark.parametrize(
     "fields, file, status, needle",
     [
         ({"model": "flora-speech-de"}, b"", 400, "empty"),
-        ({"model": "flora-speech-de"}, b"this is not audio at all, just some text", 400, "not a WAV"),
+        ({"model": "flora-speech-de"}, b"this is not audio at all, just some text", 400, "not in a format read here"),
         ({"model": "flora-speech-de"}, "rate", 400, "sample rate"),
         ({"model": "flora-speech-de"}, "long", 400, "s long"),
         ({"model": "flora-speech-de"}, None, 400, "file"),

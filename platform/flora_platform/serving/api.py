@@ -2,7 +2,7 @@
 
     POST   /v1/completions          prompt (str | [str] | token ids), stream (server-sent events), n, ...
     POST   /v1/chat/completions     when the tokenizer has a chat template
-    POST   /v1/audio/transcriptions Whisper models: multipart `file` (WAV) + `model` (the adapter),
+    POST   /v1/audio/transcriptions Whisper models: multipart `file` (WAV, FLAC, MP3, OGG) + `model` (the adapter),
                                     optional `language`, `response_format` (json | text | verbose_json)
     GET    /v1/models               the base model, adapters resident and adapters available
     POST   /v1/adapters             {"model": "<name>" | "<name>@<alias>"}: resolve afresh and load
@@ -167,14 +167,14 @@ async def _transcription_form(request: HttpRequest, max_bytes: int) -> tuple[byt
     if size and size.isdigit() and int(size) > max_bytes:
         raise ApiError(413, f"the upload has {size} bytes; the limit is {max_bytes} (limits.max_audio_bytes)")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(400, "send multipart/form-data with a `file` (WAV) and a `model`, as OpenAI's clients do", param="file")
+        raise ApiError(400, "send multipart/form-data with a `file` (WAV, FLAC, MP3 or OGG) and a `model`, as OpenAI's clients do", param="file")
     try:
         form = await request.form(max_files=1, max_fields=16, max_part_size=max_bytes)
     except Exception as err:  # noqa: BLE001 - starlette's MultiPartException and malformed bodies
         raise ApiError(400, f"unreadable multipart body: {err}", param="file") from err
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
-        raise ApiError(400, "file: required, the audio as an uploaded file (WAV)", param="file")
+        raise ApiError(400, "file: required, the audio as an uploaded file (WAV, FLAC, MP3 or OGG)", param="file")
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     model = fields.get("model", "")
     if not model:

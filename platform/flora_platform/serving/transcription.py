@@ -4,7 +4,7 @@ language adapter it names.
     service = TranscriptionService(cfg, tracking_uri=...)     # Whisper + banks, the batch thread
     result = await service.transcribe("flora-speech-de@champion", wav_bytes, language=None)
 
-A request's audio is decoded and checked here (not WAV, empty, an unusable sample rate, longer
+A request's audio is decoded and checked here (not audio, empty, an unusable sample rate, longer
 than the model's window: `BadAudio`, HTTP 400), resampled to 16 kHz and turned into log-mel
 features by the model's own feature extractor; then it joins the transcriber's next batch,
 where requests for different adapters share the encoder and decoder forwards.
@@ -25,7 +25,7 @@ from flora_platform.serving.config import ServeConfig
 from flora_platform.serving.model import load_model
 from flora_platform.serving.service import AdapterService, BadPrompt, RequestRecord
 from flora_platform.serving.sources import Target
-from flora_platform.speech.audio import TARGET_RATE, decode_wav, to_16k
+from flora_platform.speech.audio import TARGET_RATE, decode_audio, to_16k
 from flora_platform.speech.model import audio_features, audio_window_seconds, language_tokens
 
 
@@ -91,9 +91,9 @@ class TranscriptionService(AdapterService):
         )
 
     def features(self, data: bytes):
-        """[mels, frames] features of an uploaded WAV, and its duration; BadAudio if unusable."""
+        """[mels, frames] features of an uploaded clip, and its duration; BadAudio if unusable."""
         try:
-            samples, rate = decode_wav(data, max_seconds=self.window_s)
+            samples, rate = decode_audio(data, max_seconds=self.window_s)
             samples = to_16k(samples, rate)
             return audio_features(self.processor, [samples])[0], len(samples) / TARGET_RATE
         except ValueError as err:  # AudioError, or longer than the window once resampling rounds up

@@ -1,8 +1,8 @@
-"""Audio in and out: WAV bytes -> mono float32 samples, checks, resampling to Whisper's 16 kHz.
+"""Audio in and out: audio file bytes -> mono float32 samples, checks, resampling to Whisper's 16 kHz.
 
-Only uncompressed PCM WAV is decoded (the standard library's `wave`), so nothing here needs
-ffmpeg or libsndfile; compressed clips (Common Voice ships mp3) must be converted first, and
-the error says so. Samples are float32 in [-1, 1], shape `[N]` (mono).
+`decode_audio` reads PCM WAV with the standard library's `wave` and FLAC, MP3 (what Common Voice
+ships) and OGG through libsndfile (the `soundfile` wheel bundles it, so no ffmpeg is needed).
+Samples are float32 in [-1, 1], shape `[N]` (mono).
 """
 
 from __future__ import annotations
@@ -19,11 +19,33 @@ TARGET_RATE = 16_000  # what Whisper's feature extractor expects
 MIN_RATE, MAX_RATE = 8_000, 96_000
 MAX_SECONDS = 30.0  # Whisper sees one 30 s window; longer clips would be cut silently
 SAMPLE_WIDTHS = {1: "8-bit", 2: "16-bit", 4: "32-bit"}
-ACCEPTED = "an uncompressed PCM WAV file (8/16/32-bit, mono or stereo, 8-96 kHz)"
+ACCEPTED = "a WAV (PCM 8/16/32-bit), FLAC, MP3 or OGG file, mono or stereo, 8-96 kHz"
 
 
 class AudioError(ValueError):
     """Audio that cannot be used: the message names the problem and what is accepted."""
+
+
+def decode_audio(data: bytes, *, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int]:
+    """WAV, FLAC, MP3 or OGG bytes -> (samples [N] float32 in [-1, 1], mono; sample rate in Hz)."""
+    if not data:
+        raise AudioError(f"audio is empty (0 bytes); expected {ACCEPTED}")
+    if data[:4] == b"RIFF":
+        return decode_wav(data, max_seconds=max_seconds)
+    import soundfile
+
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            _check_rate(rate)
+            _check_duration(f.frames, rate, max_seconds)  # from the header: long files are refused cheaply
+            samples = f.read(dtype="float32", always_2d=True)  # [N, C]
+    except soundfile.LibsndfileError as err:
+        raise AudioError(f"audio is not in a format read here (starts with {data[:12]!r}: {err}); expected {ACCEPTED}") from err
+    if not samples.size:
+        raise AudioError(f"audio has no frames; expected {ACCEPTED}")
+    _check_duration(len(samples), rate, max_seconds)  # an MP3 header's frame count is an estimate
+    return samples.mean(axis=1).astype(np.float32), rate
 
 
 def decode_wav(data: bytes, *, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int]:

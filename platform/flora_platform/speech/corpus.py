@@ -9,14 +9,17 @@ clip, into a directory laid out like a loadable source:
     out_dir/corpus.json          the arguments it was made with: same arguments, files reused
 
 `load_examples` reads that directory, or a Common Voice-style file: a .parquet or .tsv with
-`sentence`, `locale`, and `path` (a WAV file, relative to the file's directory or its `clips/`)
-or `audio` (WAV bytes, a Hugging Face audio struct, or an array with a `sampling_rate` column).
+`sentence`, `locale`, and `path` (a WAV, FLAC, MP3 or OGG file, relative to the file's directory
+or its `clips/`) or `audio` (the file's bytes, a Hugging Face audio struct, or an array with a
+`sampling_rate` column). `load_hub_examples` reads a Hugging Face dataset laid out as Common
+Voice is (a config per locale), by hub id or from a downloaded copy.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -30,7 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flora_platform.speech.audio import MAX_SECONDS, TARGET_RATE, AudioError, check_samples, decode_wav, to_16k, write_wav
+from flora_platform.speech.audio import (
+    MAX_SECONDS, TARGET_RATE, AudioError, check_samples, decode_audio, decode_wav, to_16k, write_wav,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +195,51 @@ def finish(out: Path, rows: list[dict], stamp: dict) -> None:
     (out / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
 
 
+def is_dataset_repository(path: Path) -> bool:
+    """A directory laid out as a Hugging Face dataset repository (a README.md with its configs, as
+    `huggingface-cli download --repo-type dataset` leaves it), not a corpus made here."""
+    return path.is_dir() and (path / "README.md").is_file() and not (path / MANIFEST_NAME).is_file()
+
+
+def load_hub_examples(
+    source: str, locales: list[str], *, train_rows: int, held_out_rows: int, max_seconds: float = MAX_SECONDS,
+) -> list[SpeechExample]:
+    """Examples from a Hugging Face audio dataset with one config per locale and `audio` and
+    `sentence` columns (Common Voice's layout), by hub id or from a downloaded repository.
+
+    Streamed: at most `train_rows` rows of each locale's train split and `held_out_rows` of its
+    test split (else validation, else dev) are read, so a multi-gigabyte language costs what is used.
+    """
+    import datasets
+
+    if not locales:
+        raise CorpusError(f"{source} is a Hugging Face dataset with one config per language: name them in speech.languages")
+    examples = []
+    for locale in locales:
+        try:
+            splits = datasets.get_dataset_split_names(source, locale)
+        except Exception as err:  # not found, no such config, offline, gated: all say why
+            raise CorpusError(f"cannot open config {locale!r} of the Hugging Face dataset {source}: {err}") from err
+        held = next((name for name in ("test", "validation", "dev") if name in splits), None)
+        for split, limit in (("train", train_rows), (held, held_out_rows)):
+            if split is None or split not in splits or limit == 0:
+                continue
+            rows = datasets.load_dataset(source, locale, split=split, streaming=True)
+            if isinstance((rows.features or {}).get("audio"), datasets.Audio):
+                rows = rows.cast_column("audio", datasets.Audio(decode=False))  # bytes: decoded here, MP3 included
+            for i, row in enumerate(itertools.islice(rows, limit)):
+                if "sentence" not in row or "audio" not in row:
+                    raise CorpusError(f"{source} ({locale}, {split}) has no `sentence` or `audio` column (columns: {sorted(row)})")
+                try:
+                    samples, rate = _row_audio(row, Path("."), max_seconds)
+                except (AudioError, CorpusError) as err:
+                    raise type(err)(f"{source} ({locale}, {split}) row {i}: {err}") from err
+                examples.append(SpeechExample(to_16k(samples, rate), str(row["sentence"]), locale,
+                                              "train" if split == "train" else "test"))
+        logger.info("speech examples: %s %s: %d", source, locale, sum(ex.locale == locale for ex in examples))
+    return examples
+
+
 def is_built(out: Path, stamp: dict) -> bool:
     try:
         if json.loads((out / STAMP_NAME).read_text()) != stamp:
@@ -256,10 +306,10 @@ def _row_audio(row: dict, base: Path, max_seconds: float) -> tuple[np.ndarray, i
     """One row's audio as (samples, rate), from whichever form the row carries it in."""
     audio = row.get("audio")
     if isinstance(audio, (bytes, bytearray)):
-        return decode_wav(bytes(audio), max_seconds=max_seconds)
+        return decode_audio(bytes(audio), max_seconds=max_seconds)
     if isinstance(audio, dict):  # Hugging Face's Audio feature: {bytes, path} stored, {array, sampling_rate} decoded
         if audio.get("bytes"):
-            return decode_wav(audio["bytes"], max_seconds=max_seconds)
+            return decode_audio(audio["bytes"], max_seconds=max_seconds)
         if audio.get("array") is not None:
             rate = int(audio["sampling_rate"])
             return check_samples(audio["array"], rate, max_seconds=max_seconds), rate
@@ -282,8 +332,7 @@ def _file_audio(name: str, base: Path, max_seconds: float) -> tuple[np.ndarray, 
     for candidate in candidates:
         if candidate.is_file():
             try:
-                return decode_wav(candidate.read_bytes(), max_seconds=max_seconds)
+                return decode_audio(candidate.read_bytes(), max_seconds=max_seconds)
             except AudioError as err:
-                hint = "; convert it to WAV first, e.g. `ffmpeg -i in.mp3 -ar 16000 out.wav`" if candidate.suffix != ".wav" else ""
-                raise AudioError(f"{candidate}: {err}{hint}") from err
+                raise AudioError(f"{candidate}: {err}") from err
     raise CorpusError(f"audio file {name!r} not found (looked at {', '.join(str(c) for c in candidates)})")

@@ -18,7 +18,10 @@ from pathlib import Path
 from flora_platform.config import ConfigError, FinetuneConfig
 from flora_platform.prepare import check_targets, resolve_model_name, spread
 from flora_platform.speech.audio import TARGET_RATE
-from flora_platform.speech.corpus import DEFAULT_LANGUAGES, CorpusError, SpeechExample, load_examples, synthesize_corpus
+from flora_platform.data import looks_like_path
+from flora_platform.speech.corpus import (
+    DEFAULT_LANGUAGES, CorpusError, SpeechExample, is_dataset_repository, load_examples, load_hub_examples, synthesize_corpus,
+)
 from flora_platform.speech.model import (
     PROMPT_LENGTH, ExamplePool, PretrainData, audio_window_seconds, decoder_prompt, ensure_embedded_whisper,
 )
@@ -64,12 +67,17 @@ def read_examples(cfg: FinetuneConfig) -> list[SpeechExample]:
         if s.source == "embedded":
             languages = tuple(s.languages) or DEFAULT_LANGUAGES
             key = f"{'-'.join(languages)}_{s.per_language}x{s.held_out}_seed{s.seed}"
-            source = synthesize_corpus(Path(s.corpus_dir).expanduser() / key, languages, s.per_language, s.held_out, s.seed)
+            corpus = synthesize_corpus(Path(s.corpus_dir).expanduser() / key, languages, s.per_language, s.held_out, s.seed)
+            examples = load_examples(corpus, locales=locales)
+        elif is_hub_source(s.source):
+            source = str(Path(s.source).expanduser()) if looks_like_path(s.source) else s.source
+            examples = load_hub_examples(source, list(s.languages), train_rows=s.per_language, held_out_rows=s.held_out)
         else:
-            source = Path(s.source).expanduser()
-            if not source.exists():
-                raise CorpusError(f"{s.source} does not exist; pass a corpus directory or a .parquet/.tsv file")
-        examples = load_examples(source, locales=locales)
+            path = Path(s.source).expanduser()
+            if not path.exists():
+                raise CorpusError(f"{s.source} does not exist; pass a corpus directory, a .parquet/.tsv file "
+                                  "or a Hugging Face dataset id")
+            examples = load_examples(path, locales=locales)
     except (ValueError, RuntimeError) as err:  # CorpusError, bad audio, unknown embedded language; no espeak-ng
         raise ConfigError("speech.source", str(err)) from err
     missing = sorted(set(locales or ()) - {ex.locale for ex in examples})
@@ -78,6 +86,12 @@ def read_examples(cfg: FinetuneConfig) -> list[SpeechExample]:
     if not examples:
         raise ConfigError("speech.source", f"{s.source} holds no examples")
     return examples
+
+
+def is_hub_source(source: str) -> bool:
+    """A Hugging Face dataset: a hub id that is no local path, or a downloaded dataset repository."""
+    path = Path(source).expanduser()
+    return (not looks_like_path(source) and not path.exists()) or is_dataset_repository(path)
 
 
 def split_examples(

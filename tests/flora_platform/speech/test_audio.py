@@ -6,8 +6,9 @@ import wave
 
 import numpy as np
 import pytest
+import soundfile
 
-from flora_platform.speech.audio import AudioError, check_samples, decode_wav, to_16k
+from flora_platform.speech.audio import AudioError, check_samples, decode_audio, decode_wav, to_16k
 
 
 def wav_bytes(frames: np.ndarray, rate: int, width: int = 2) -> bytes:
@@ -79,8 +80,9 @@ def float_wav_bytes() -> bytes:
 
 
 @pytest.mark.parametrize("data,kwargs,message", [
-    (b"", {}, r"empty \(0 bytes\).*PCM WAV"),
-    (b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00mp3 frames", {}, r"not a WAV file.*ID3.*PCM WAV"),
+    (b"", {}, r"empty \(0 bytes\).*WAV \(PCM 8/16/32-bit\), FLAC, MP3 or OGG"),
+    (b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00mp3 frames", {}, r"not in a format read here.*ID3.*FLAC, MP3 or OGG"),
+    (b"this is not audio at all", {}, r"not in a format read here"),
     (b"RIFF", {}, r"not a WAV file"),
     (wav_bytes(np.zeros((0, 1)), 16_000), {}, r"no audio frames"),
     (wav_bytes(np.zeros((10, 1)), 16_000, width=3), {}, r"unsupported sample width 24-bit.*8/16/32-bit"),
@@ -91,7 +93,34 @@ def float_wav_bytes() -> bytes:
 ])
 def test_bad_audio_is_rejected_with_a_reason(data, kwargs, message):
     with pytest.raises(AudioError, match=message):
-        decode_wav(data, **kwargs)
+        decode_audio(data, **kwargs)
+
+
+def encoded(samples: np.ndarray, rate: int, fmt: str) -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, samples, rate, format=fmt)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt, tolerance", [("FLAC", 1e-4), ("OGG", None), ("MP3", None)])
+def test_flac_ogg_and_mp3_decode_to_the_same_tone(fmt, tolerance):
+    """Common Voice ships MP3: compressed clips decode, mixed to mono, without ffmpeg."""
+    rate = 22_050
+    t = np.arange(rate) / rate
+    tone = 0.4 * np.sin(2 * np.pi * 440 * t)
+    stereo = np.stack([tone, tone], axis=1)  # [N, 2]
+    samples, got_rate = decode_audio(encoded(stereo, rate, fmt))
+    assert got_rate == rate and samples.dtype == np.float32 and samples.ndim == 1
+    if tolerance:  # lossless
+        np.testing.assert_allclose(samples, tone, atol=tolerance)
+    else:  # lossy, and MP3 adds encoder delay: compare the spectrum's peak and the level
+        spectrum = np.abs(np.fft.rfft(samples[: rate // 2]))
+        assert abs(np.argmax(spectrum) * 2 - 440) <= 4
+        assert 0.2 < np.abs(samples).max() < 0.6
+    with pytest.raises(AudioError, match=r"more than max_seconds=0\.5"):
+        decode_audio(encoded(stereo, rate, fmt), max_seconds=0.5)
+    with pytest.raises(AudioError, match=r"sample rate 4000 Hz is outside"):
+        decode_audio(encoded(tone[:4000], 4000, "FLAC"))
 
 
 def test_default_limit_is_whisper_window():

@@ -1,6 +1,7 @@
 """The embedded espeak-ng corpus (files, manifest, cache) and Common Voice-style sources."""
 
 import io
+import json
 import logging
 import shutil
 import wave
@@ -10,9 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import soundfile
 
 from flora_platform.speech.audio import AudioError
-from flora_platform.speech.corpus import WORDS, CorpusError, load_examples, synthesize_corpus
+from flora_platform.speech.corpus import (
+    WORDS, CorpusError, is_dataset_repository, load_examples, load_hub_examples, synthesize_corpus,
+)
 
 LANGUAGES = ("en", "de")
 NO_ESPEAK = "espeak-ng is not installed (`make install` installs it where apt-get may run)"
@@ -163,7 +167,7 @@ def test_missing_sentence_column_is_named(tmp_path):
 
 @pytest.mark.parametrize("row,error,message", [
     ({"path": "gone.wav"}, CorpusError, r"row 0: audio file 'gone.wav' not found"),
-    ({"path": "clip.mp3"}, AudioError, r"clip.mp3: audio is not a WAV file.*ffmpeg"),
+    ({"path": "clip.mp3"}, AudioError, r"clip.mp3: audio is not in a format read here.*FLAC, MP3 or OGG"),
     ({"path": "long.wav"}, AudioError, r"row 0: .*long.wav: audio is 31.0 s long"),
 ])
 def test_unreadable_audio_names_the_row_and_file(tmp_path, row, error, message):
@@ -183,3 +187,61 @@ def test_sources_that_are_not_speech_data(tmp_path):
     pq.write_table(pa.table({"audio": [[0.0, 0.1]], "sentence": ["x"], "locale": ["en"]}), tmp_path / "a.parquet")
     with pytest.raises(CorpusError, match="needs a `sampling_rate` column"):
         load_examples(tmp_path / "a.parquet")
+
+
+def hub_layout_dataset(root: Path) -> Path:
+    """A Hugging Face dataset repository as the hub serves Common Voice: one config per locale,
+    parquet shards per split, an `audio` feature holding the file bytes (MP3 for fr, WAV for de)."""
+    # What `datasets` writes for an Audio column (written with pyarrow: datasets' own writer
+    # would need torchcodec to encode audio it is handed as bytes already).
+    features = {"audio": {"_type": "Audio"}, "sentence": {"dtype": "string", "_type": "Value"},
+                "locale": {"dtype": "string", "_type": "Value"}}
+    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    configs = []
+    for locale, fmt in (("de", "WAV"), ("fr", "MP3")):
+        files = []
+        for split, n in (("train", 3), ("test", 2)):
+            clips = []
+            for i in range(n):
+                out = io.BytesIO()
+                tone = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * np.arange(22_050) / 22_050)
+                soundfile.write(out, tone, 22_050, format=fmt)
+                clips.append({"bytes": out.getvalue(), "path": f"{locale}_{split}_{i}.{fmt.lower()}"})
+            rows = {"audio": clips, "sentence": [f"{locale} {split} {i}." for i in range(n)], "locale": [locale] * n}
+            path = f"{locale}/{split}-00000.parquet"
+            (root / locale).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table(rows).replace_schema_metadata(metadata), root / path)
+            files.append(f"  - split: {split}\n    path: {path}")
+        configs.append(f"- config_name: {locale}\n  data_files:\n" + "\n".join(files))
+    (root / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n# speech\n")
+    return root
+
+
+def test_hugging_face_dataset_by_config_per_locale_streams_what_it_needs(tmp_path):
+    repo = hub_layout_dataset(tmp_path / "cv")
+    assert is_dataset_repository(repo)
+    examples = load_hub_examples(str(repo), ["de", "fr"], train_rows=2, held_out_rows=5)
+    got = [(ex.locale, ex.split, ex.sentence) for ex in examples]
+    assert got == [("de", "train", "de train 0."), ("de", "train", "de train 1."), ("de", "test", "de test 0."),
+                   ("de", "test", "de test 1."), ("fr", "train", "fr train 0."), ("fr", "train", "fr train 1."),
+                   ("fr", "test", "fr test 0."), ("fr", "test", "fr test 1.")]
+    for ex in examples:  # decoded (MP3 too) and resampled to 16 kHz: about one second each
+        assert ex.audio.dtype == np.float32 and abs(len(ex.audio) - 16_000) < 1_200, (ex.sentence, len(ex.audio))
+    with pytest.raises(CorpusError, match="name them in speech.languages"):
+        load_hub_examples(str(repo), [], train_rows=2, held_out_rows=1)
+    with pytest.raises(CorpusError, match="cannot open config 'xx'"):
+        load_hub_examples(str(repo), ["xx"], train_rows=2, held_out_rows=1)
+
+
+def test_the_speech_job_takes_a_hugging_face_dataset_as_its_source(tmp_path):
+    from flora_platform.config import ConfigError, FinetuneConfig, load_config
+    from flora_platform.speech.prepare import read_examples, split_examples
+
+    repo = hub_layout_dataset(tmp_path / "cv")
+    overrides = ["task=speech", f"speech.source={repo}", "speech.per_language=3", "speech.held_out=2"]
+    cfg = load_config(FinetuneConfig, None, [*overrides, "speech.languages=[de,fr]"])
+    train, held_out = split_examples(read_examples(cfg), cfg.speech.eval_fraction, cfg.speech.seed)
+    assert {k: len(v) for k, v in train.items()} == {"de": 3, "fr": 3}
+    assert {k: len(v) for k, v in held_out.items()} == {"de": 2, "fr": 2}  # the test splits
+    with pytest.raises(ConfigError, match=r"^speech\.source: .*name them in speech\.languages"):
+        read_examples(load_config(FinetuneConfig, None, overrides))
