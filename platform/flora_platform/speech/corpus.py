@@ -219,12 +219,16 @@ def load_hub_examples(
         try:
             splits = datasets.get_dataset_split_names(source, locale)
         except Exception as err:  # not found, no such config, offline, gated: all say why
-            raise CorpusError(f"cannot open config {locale!r} of the Hugging Face dataset {source}: {err}") from err
+            local = "" if Path(source).exists() else f"; if {source} is meant as a local file or directory, it does not exist"
+            raise CorpusError(f"cannot open config {locale!r} of the Hugging Face dataset {source}: {err}{local}") from err
         held = next((name for name in ("test", "validation", "dev") if name in splits), None)
         for split, limit in (("train", train_rows), (held, held_out_rows)):
             if split is None or split not in splits or limit == 0:
                 continue
-            rows = datasets.load_dataset(source, locale, split=split, streaming=True)
+            try:
+                rows = datasets.load_dataset(source, locale, split=split, streaming=True)
+            except Exception as err:
+                raise CorpusError(f"cannot read split {split!r} of config {locale!r} of {source}: {err}") from err
             if isinstance((rows.features or {}).get("audio"), datasets.Audio):
                 rows = rows.cast_column("audio", datasets.Audio(decode=False))  # bytes: decoded here, MP3 included
             for i, row in enumerate(itertools.islice(rows, limit)):
