@@ -330,12 +330,13 @@ def log_metrics(loop_config: dict, metrics: dict, step: int) -> None:
 
 
 def build_trainer(
-    cfg: FinetuneConfig, loop_config: dict, *, name: str | None = None, storage_path: str | None = None,
+    cfg: FinetuneConfig, loop_config: dict, *, name: str, storage_path: str | None = None,
     callbacks: list | None = None,
 ):
     """A `TorchTrainer` running `train_loop_per_worker` with the config's scaling and fault tolerance.
 
-    `callbacks`: Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` when a search trial runs it.
+    `name`: the run's directory under the storage path (the fine-tuning job names it per MLflow
+    run, a search per trial). `callbacks`: Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` when a search trial runs it.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -352,7 +353,7 @@ def build_trainer(
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name or cfg.run.name,
+            name=name,
             storage_path=storage_path or cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

@@ -102,17 +102,10 @@ def synthesize_corpus(
     no test sentence is also a train sentence. Each language draws from its own seeded stream:
     adding a language leaves the others' clips unchanged.
     """
-    unknown = [lang for lang in languages if lang not in WORDS]
-    if unknown:
-        raise ValueError(f"no word list for {unknown}; the embedded speech corpus has {sorted(WORDS)}")
+    stamp = spoken_stamp(CORPUS_FORMAT, languages, per_language=per_language, held_out=held_out, seed=seed)
     if per_language < 1 or held_out < 0:
         raise ValueError(f"per_language={per_language}, held_out={held_out}: need per_language >= 1 and held_out >= 0")
     out = Path(out_dir).expanduser()
-    stamp = {
-        "format": CORPUS_FORMAT, "languages": list(languages), "per_language": per_language,
-        "held_out": held_out, "seed": seed,
-        "words": hashlib.sha256(json.dumps([WORDS[lang] for lang in languages]).encode()).hexdigest()[:16],
-    }
     if is_built(out, stamp):
         logger.info("speech corpus: reusing %s", out)
         return out
@@ -179,6 +172,16 @@ def load_examples(
         ))
     logger.info("speech examples: %d from %s", len(examples), path)
     return examples
+
+
+def spoken_stamp(fmt, languages, **arguments) -> dict:
+    """What a directory spoken from `WORDS` is made of (its format, languages, arguments and a
+    digest of their word lists), kept in its stamp file; languages without a word list refused."""
+    unknown = [lang for lang in languages if lang not in WORDS]
+    if unknown:
+        raise ValueError(f"no word list for {unknown}; the embedded speech corpus has {sorted(WORDS)}")
+    words = hashlib.sha256(json.dumps([WORDS[lang] for lang in languages]).encode()).hexdigest()[:16]
+    return {"format": fmt, "languages": list(languages), **arguments, "words": words}
 
 
 def clear_stale(out: Path) -> None:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from flora_platform.speech.audio import TARGET_RATE, decode_wav, write_wav
 from flora_platform.speech.corpus import (
     MANIFEST_NAME, PITCH, SPEED_WPM, STAMP_NAME, VOICES, WORDS, WORDS_PER_SENTENCE, SpeechExample, as_sentence,
-    clear_stale, find_espeak, finish, is_built, speak,
+    clear_stale, find_espeak, finish, is_built, speak, spoken_stamp,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,16 +48,10 @@ def synthesize_word_bank(
     out_dir: str | Path, languages: tuple[str, ...] | list[str], voices: int = 12, seed: int = 0, *, log_every: int = 500,
 ) -> Path:
     """Every word of `WORDS[locale]` spoken in `voices` voices per language, into `out_dir` (returned)."""
-    unknown = [lang for lang in languages if lang not in WORDS]
-    if unknown:
-        raise ValueError(f"no word list for {unknown}; the embedded speech corpus has {sorted(WORDS)}")
+    stamp = spoken_stamp(f"words-{BANK_FORMAT}", languages, voices=voices, seed=seed)
     if voices < 1:
         raise ValueError(f"voices must be >= 1, got {voices}")
     out = Path(out_dir).expanduser()
-    stamp = {
-        "format": f"words-{BANK_FORMAT}", "languages": list(languages), "voices": voices, "seed": seed,
-        "words": hashlib.sha256(json.dumps([WORDS[lang] for lang in languages]).encode()).hexdigest()[:16],
-    }
     if is_built(out, stamp):
         logger.info("spoken words: reusing %s", out)
         return out
