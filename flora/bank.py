@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flora import ops
 from flora.adapter import Adapter, AdapterConfig, shape_fingerprint
 from flora.layers import AdaptedLinear
-from flora.routing import RouteState
+from flora.routing import RoutePlan, RouteState
 
 BASE_SLOT = 0
 BASE_NAME = "base"
@@ -21,10 +22,14 @@ BASE_NAME = "base"
 
 @dataclass(frozen=True)
 class SlotInfo:
+    """load_id: unique per load into the banks (0 for the base model), so that anything computed
+    under an adapter (cached keys and values) is never taken for another load into the same slot."""
+
     name: str
     kind: str
     rank: int
     adapter_config: AdapterConfig | None
+    load_id: int = 0
 
 
 class AdapterBanks:
@@ -39,6 +44,13 @@ class AdapterBanks:
         self.max_lora_rank = first.lora_a.shape[1]
         self._slots: list[SlotInfo | None] = [None] * self.max_slots
         self._slots[BASE_SLOT] = SlotInfo(BASE_NAME, "base", 0, None)
+        self._slot_by_name: dict[str, int] = {}
+        self._loads = 0
+        # Per slot, what a forward needs for it in any layer (see `plan`): host arrays, so that a
+        # forward's plan is a few vectorised reads whatever the number of slots present.
+        self.slot_mul_rank = np.zeros(self.max_slots, dtype=np.int64)
+        self.slot_lora_rank = np.zeros(self.max_slots, dtype=np.int64)
+        self.slot_scales_bias = np.zeros(self.max_slots, dtype=bool)
 
     # ------------------------------------------------------------------ the table
 
@@ -53,15 +65,38 @@ class AdapterBanks:
     @property
     def names(self) -> list[str]:
         """Loaded adapter names (the base model excluded)."""
-        return [info.name for info in self._slots[1:] if info is not None]
+        return list(self._slot_by_name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._slot_by_name
 
     def slot_of(self, name: str | None) -> int:
         if name is None or name == BASE_NAME:
             return BASE_SLOT
-        for slot, info in enumerate(self._slots):
-            if info is not None and info.name == name:
-                return slot
-        raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
+        try:
+            return self._slot_by_name[name]
+        except KeyError:
+            loaded = self.names
+            raise KeyError(f"no adapter named {name!r} is loaded; loaded: {loaded[:8]}{'...' if len(loaded) > 8 else ''}") from None
+
+    def load_id(self, slot: int) -> int:
+        """The load now in `slot` (see `SlotInfo.load_id`)."""
+        info = self._slots[slot]
+        if info is None:
+            raise ValueError(f"slot {slot} holds no adapter")
+        return info.load_id
+
+    def plan(self, active_slots) -> RoutePlan:
+        """What a forward over `active_slots` (ints, each loaded) needs from every adapted layer."""
+        active = np.asarray(sorted(set(int(s) for s in active_slots)), dtype=np.int64)
+        lora = self.slot_lora_rank[active]
+        return RoutePlan(
+            active_slots=tuple(active.tolist()),
+            mul_rank=int(self.slot_mul_rank[active].max(initial=0)),
+            lora_rank=int(lora.max(initial=0)),
+            lora_slots=tuple(active[lora > 0].tolist()),
+            scales_bias=bool(self.slot_scales_bias[active].any()),
+        )
 
     def free_slots(self) -> list[int]:
         return [s for s, info in enumerate(self._slots) if info is None]
@@ -94,14 +129,22 @@ class AdapterBanks:
             slot = self._slot_for(name)
         elif not 0 < slot < self.max_slots:
             raise ValueError(f"slot {slot} is out of range 1..{self.max_slots - 1} (0 is the base model)")
-        self._slots[slot] = None
+        elif self._slot_by_name.get(name, slot) != slot:
+            self.unload(name)  # moving to another slot: one name, one slot
+        self._vacate(slot)
         for path, layer in self.layers.items():
             if path in adapter.config.module_shapes:
                 _copy_into(layer, slot, adapter, path)
             else:
                 layer.clear_slot(slot)
-        rank = adapter.config.rank
-        self._slots[slot] = SlotInfo(name, adapter.config.kind, rank, adapter.config)
+        config = adapter.config
+        self._loads += 1
+        self._slots[slot] = SlotInfo(name, config.kind, config.rank, config, load_id=self._loads)
+        self._slot_by_name[name] = slot
+        self.slot_mul_rank[slot] = {"flora": config.rank, "ia3": 1}.get(config.kind, 0)
+        self.slot_lora_rank[slot] = config.rank if config.kind == "lora" else 0
+        # IA3 scales the bias wherever it scales the output (PEFT's way), i.e. off the feed-forward modules.
+        self.slot_scales_bias[slot] = config.kind == "ia3" and bool(set(config.module_shapes) - set(config.feedforward_modules))
         return slot
 
     def unload(self, name: str) -> int:
@@ -110,8 +153,16 @@ class AdapterBanks:
             raise ValueError("the base model cannot be unloaded")
         for layer in self.layers.values():
             layer.clear_slot(slot)
-        self._slots[slot] = None
+        self._vacate(slot)
         return slot
+
+    def _vacate(self, slot: int) -> None:
+        info = self._slots[slot]
+        if info is not None and self._slot_by_name.get(info.name) == slot:
+            del self._slot_by_name[info.name]
+        self._slots[slot] = None
+        self.slot_mul_rank[slot] = self.slot_lora_rank[slot] = 0
+        self.slot_scales_bias[slot] = False
 
     def _slot_for(self, name: str) -> int:
         try:

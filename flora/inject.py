@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 
 from flora.bank import AdapterBanks
@@ -113,8 +114,10 @@ def route(model: nn.Module | AdapterBanks, slots):
     (None or "base" for the base model). Yields the `Route`.
     """
     banks = model if isinstance(model, AdapterBanks) else banks_of(model)
-    current = Route(banks.slots_tensor(slots))
-    banks.check_slots(current.active_slots)
+    tensor = banks.slots_tensor(slots)
+    active = torch.unique(tensor).tolist()  # one device read per forward, shared by every layer
+    banks.check_slots(active)
+    current = Route(tensor, banks.plan(active))
     previous = banks.routing.set(current)
     try:
         yield current

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from flora import ops
 from flora.routing import RouteState
@@ -20,9 +19,10 @@ class AdaptedLinear(nn.Module):
     base model. `columns = (lo, hi)` restricts adaptation to output columns `lo:hi` (e.g. the
     query and key part of StarCoder's fused `c_attn`); the other columns stay the base layer's.
 
-    Per slot the layer also keeps, in plain Python, the rank it needs on each path
-    (`mul_rank[s]`, 0 = identity; `lora_rank[s]`, 0 = none) so that a forward computes only
-    the rank components of the slots actually present, without reading the device.
+    How many rank components a forward computes comes from its `Route` (the largest rank among
+    the slots present, worked out once per forward for every layer). Per slot the layer keeps,
+    in plain Python, the ranks this layer holds (`mul_rank[s]`, 0 = identity; `lora_rank[s]`,
+    0 = none), which training reads to unfreeze only the rows in use.
     """
 
     def __init__(
@@ -55,7 +55,6 @@ class AdaptedLinear(nn.Module):
         self.lora_b = frozen(torch.zeros(max_slots, max_lora_rank, dout, **kw))  # [S, Rl, Dout]
         self.mul_rank = [0] * max_slots
         self.lora_rank = [0] * max_slots
-        self.bias_scaled = [False] * max_slots  # host copy of `scales_bias`: no device read per forward
         for slot in range(max_slots):
             self.clear_slot(slot)
 
@@ -74,7 +73,7 @@ class AdaptedLinear(nn.Module):
         self.a[slot].zero_()
         self.b[slot, 0] = 1.0
         self.a[slot, 0] = 1.0
-        self.scales_bias[slot] = self.bias_scaled[slot] = False
+        self.scales_bias[slot] = False
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.mul_rank[slot] = self.lora_rank[slot] = 0
@@ -90,7 +89,7 @@ class AdaptedLinear(nn.Module):
         self.b[slot, :r].copy_(b)
         self.a[slot, r:].zero_()
         self.b[slot, r:].zero_()
-        self.scales_bias[slot] = self.bias_scaled[slot] = scales_bias
+        self.scales_bias[slot] = scales_bias
         self.mul_rank[slot] = r
 
     @torch.no_grad()
@@ -109,31 +108,29 @@ class AdaptedLinear(nn.Module):
         if self.columns is None:
             return self._adapted(x, w0, bias, route)
         lo, hi = self.columns
+        linear = route.linear
         parts = [
-            F.linear(x, w0[:lo], None if bias is None else bias[:lo]),
+            linear(x, w0[:lo], None if bias is None else bias[:lo]),
             self._adapted(x, w0[lo:hi], None if bias is None else bias[lo:hi], route),
-            F.linear(x, w0[hi:], None if bias is None else bias[hi:]),
+            linear(x, w0[hi:], None if bias is None else bias[hi:]),
         ]
         return torch.cat(parts, dim=-1)
 
     def _adapted(self, x, w0, bias, route) -> torch.Tensor:
-        active = route.active_slots
-        mul_rank = max(self.mul_rank[s] for s in active)
-        if mul_rank == 0:  # only base/LoRA rows: the plain base layer
-            y = F.linear(x, w0, bias)
+        plan = route.plan
+        if plan.mul_rank == 0:  # only base/LoRA rows: the plain base layer
+            y = route.linear(x, w0, bias)
         else:
             gain = None
-            if bias is not None and any(self.bias_scaled[s] for s in active):
+            if bias is not None and plan.scales_bias:
                 gain = torch.where(self.scales_bias[:, None], self.a[:, 0], 1.0)  # [S, Dout]
-            y = ops.flora_linear(x, w0, bias, self.a, self.b, route.slots, rank=mul_rank, gain=gain)
-        lora_slots = {s for s in active if self.lora_rank[s] > 0}
-        if lora_slots:
-            r = max(self.lora_rank[s] for s in lora_slots)
-            lora_a, lora_b = self.lora_a[:, :r], self.lora_b[:, :r]
+            y = ops.flora_linear(x, w0, bias, self.a, self.b, route.slots, rank=plan.mul_rank, gain=gain, linear=route.linear)
+        if plan.lora_rank:
+            lora_a, lora_b = self.lora_a[:, : plan.lora_rank], self.lora_b[:, : plan.lora_rank]
             if self.lora_impl == "bmm":
                 delta = ops.lora_delta_bmm(x, lora_a, lora_b, route.slots)
             else:
-                delta = ops.lora_delta_grouped(x, lora_a, lora_b, route.slots, route.groups(lora_slots))
+                delta = ops.lora_delta_grouped(x, lora_a, lora_b, route.slots, route.lora_groups())
             y = y + delta
         return y
 

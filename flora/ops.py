@@ -72,6 +72,7 @@ def flora_linear(
     slots: torch.Tensor,
     rank: int | None = None,
     gain: torch.Tensor | None = None,
+    linear=F.linear,
 ) -> torch.Tensor:
     """Batched multiplicative adapters (FLoRA; IA3 and the base model as special cases).
 
@@ -83,15 +84,16 @@ def flora_linear(
         b [S, R, Din]; slots [B] | [B, L] | [T]; gain [S, Dout] | None (None: all ones).
         `rank` (default R) limits the components computed; pass the largest rank among the
         slots present to skip all-zero components. Returns [..., Dout] like `x`.
+        `linear(x2d, w0)`: the base matmul (`F.linear`; an engine may pass a faster kernel).
     Cost: `rank` base matmuls sharing one read of w0, plus element-wise products.
     """
     s = expand_slots(x, slots)
     rank = a.shape[1] if rank is None else rank
     if rank == 1:
-        return _flora_linear_rank1(x, w0, bias, a[:, 0], b[:, 0], s, gain)
+        return _flora_linear_rank1(x, w0, bias, a[:, 0], b[:, 0], s, gain, linear)
     b_rows = _bank_rows(b[:, :rank], s)  # [*s.shape, rank, Din]
     xb = x.unsqueeze(-2) * b_rows  # [.., rank, Din]
-    h = _linear_2d(xb, w0)  # [.., rank, Dout]: one matmul for all components
+    h = _linear_2d(xb, w0, linear)  # [.., rank, Dout]: one matmul for all components
     # Gathered after the matmul, which streams w0 through the caches, so that they are still hot.
     a_rows = _bank_rows(a[:, :rank], s)  # [*s.shape, rank, Dout]
     # y = Σ_r a_r ∘ h_r + gain ∘ bias, one fused multiply-add pass per component. An einsum over
@@ -105,7 +107,7 @@ def flora_linear(
     return y
 
 
-def _flora_linear_rank1(x, w0, bias, a0, b0, s, gain):
+def _flora_linear_rank1(x, w0, bias, a0, b0, s, gain, linear=F.linear):
     """`flora_linear` at rank 1 (the common serving case, and IA3): a0 [S, Dout], b0 [S, Din].
 
     Without a rank axis, and in place wherever autograd records nothing: at rank 1 these
@@ -117,7 +119,7 @@ def _flora_linear_rank1(x, w0, bias, a0, b0, s, gain):
         xb = b_rows.mul_(x)  # a fresh row per token (decode, token slots): scale it in place
     else:
         xb = x * b_rows  # [.., Din]
-    h = _linear_2d(xb, w0)  # [.., Dout]
+    h = _linear_2d(xb, w0, linear)  # [.., Dout]
     a_rows = _bank_rows(a0, s)  # [*s.shape, Dout], gathered after the matmul (see above)
     gained_bias = None if bias is None else _gained_bias(bias, gain, s)
     if not any(t is not None and t.requires_grad for t in (h, a_rows, gained_bias)):
@@ -126,13 +128,13 @@ def _flora_linear_rank1(x, w0, bias, a0, b0, s, gain):
     return h * a_rows if gained_bias is None else torch.addcmul(gained_bias, h, a_rows)
 
 
-def _linear_2d(x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w0)` on a 2-D view of `x` ([.., Din] -> [.., Dout]).
+def _linear_2d(x: torch.Tensor, w0: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    """`linear(x, w0)` on a 2-D view of `x` ([.., Din] -> [.., Dout]).
 
     On CPU, torch.matmul of an N-D input whose size-1 dims carry odd strides (as a broadcast
     product can have) takes a path several times slower than the same matmul in 2-D.
     """
-    return F.linear(x.reshape(-1, x.shape[-1]), w0).view(*x.shape[:-1], w0.shape[0])
+    return linear(x.reshape(-1, x.shape[-1]), w0).view(*x.shape[:-1], w0.shape[0])
 
 
 def _bank_rows(bank: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

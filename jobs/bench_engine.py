@@ -1,276 +1,343 @@
-"""Engine benchmark: continuous batching with mixed adapters vs static batching and PEFT.
+"""Engine benchmark: our engine against vLLM on the same weights, requests and row limit (CPU).
 
-    python jobs/bench_engine.py [--quick] [--out DIR] [--device cpu|cuda] [--threads N]
-    ray job submit --working-dir . -- python jobs/bench_engine.py --device cuda --scale 1
+    make vllm-venv                     # once: vLLM's CPU build in its own virtualenv (.venv-vllm)
+    python jobs/bench_engine.py [--quick] [--out DIR] [--threads N] [--vllm PYTHON|none]
 
-Workload: `--requests` (64) requests, all arriving at once, with prompt and output lengths
-drawn like the vLLM ShareGPT benchmark (`flora.engine.workload`: no download), multiplied by
-`--scale` (0.25 on CPU, so one run takes seconds) and clipped to at least 4 tokens. Every request
-generates exactly its output length (end-of-sequence ignored, as vLLM's benchmark does).
+Model: a llama built from a config with random weights (6 layers, width 512, 8 heads of which 4
+key/value heads, MLP 1376, vocabulary 4096, context 1024), written with `save_pretrained`; both
+engines load that directory. Adapters on the llama preset's targets (q_proj, k_proj), written
+to disk and loaded from there by both sides: 16 LoRA rank-8 adapters in PEFT's format, and 16
+FLoRA rank-1 adapters in ours (vLLM has no FLoRA).
 
-Model: a small gpt_bigcode (StarCoder architecture) built from a config with random weights:
-6 layers, width 512, 8 heads, multi-query attention, vocabulary 4096, context 1024. Adapters
-target the whole fused `attn.c_attn` (PEFT cannot adapt a column range; the same targets for all).
+Throughput: `--requests` (64) requests, all arriving at once, ShareGPT-like prompt and output
+lengths (`flora.engine.workload`) times `--scale` (0.25), every request generating exactly its
+output length (greedy, end-of-sequence ignored), request i on adapter i % 16:
+    ours_base      our engine, every row on the base model (the injected model, slot 0)
+    ours_flora_r1  our engine, 16 FLoRA rank-1 adapters mixed in every batch
+    ours_lora_r8   our engine, 16 LoRA rank-8 adapters mixed
+    vllm_base      vLLM, no adapter
+    vllm_lora_r8   vLLM, the same 16 LoRA adapters (enable_lora, max_loras=16)
+Both engines get the same row limit (`--rows`, vLLM's max_num_seqs), token budget (`--tokens`,
+max_num_batched_tokens) and CPU threads. vLLM runs in a long-lived subprocess in its own
+virtualenv (`jobs/vllm_peer.py`); each method is warmed up once, then `--repeats` timed runs go
+round-robin over the methods, so the machine's load hits all alike; medians count. Greedy token
+agreement with vLLM is reported for the base model and for the LoRA adapters.
 
-Methods (same requests, same batch size `--rows`; each warmed up once, then timed `--repeats`
-times round-robin so that a shared machine's load hits all alike; the best run counts):
-    engine_base        our engine, every row on the base model (injected model, slot 0)
-    engine_flora_r1    our engine, 64 distinct FLoRA rank-1 adapters (request i uses adapter i % 64)
-    engine_lora_r8     our engine, 64 distinct LoRA rank-8 adapters
-    peft_lora_r8       PEFT `generate(adapter_names=...)` on the same LoRA adapters, static batches
-    hf_static_base     Hugging Face `generate` on the plain model, static batches, no adapters
-Static batches take `--rows` requests in arrival order, left padded, and generate until their
-longest output is done; only the requested output tokens count.
+Host overhead: decode steps at 256 rows (256 requests, 16-token prompts): per step, wall time
+minus the time in the model's forward and the sampler (`Engine.last_step`); median over steps.
 
-Output: `engine_<device>.csv` and `engine_<device>.png` under `--out` (tokens/s, time to first
-token, request latency) and the headline ratios on stdout. Imports flora, torch, transformers,
-peft and matplotlib; no Ray, so it runs as a Ray job or on a bare GPU machine alike.
+Many adapters: a bank of 4,096 FLoRA rank-1 slots, 1,024 requests at 256 rows, each on its own
+adapter (1,024 distinct, 256 in every step) against the same requests cycling over 16 adapters.
+
+Output under `--out`: `engine_<device>.csv` (every figure), `engine_<device>.png`, and the
+ratios against the targets on stdout. Imports flora, torch, transformers, safetensors and
+matplotlib; no Ray, so it also runs on a bare machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import logging
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LogitsProcessor, LogitsProcessorList
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
-# Run from a bare checkout too: the repository root holds the `flora` package.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import flora  # noqa: E402
-from flora.engine import Engine, EngineConfig, Request  # noqa: E402
+from flora.engine import DirectoryLoader, Engine, EngineConfig, Request  # noqa: E402
 from flora.engine.workload import sharegpt_like_lengths  # noqa: E402
 
-ADAPTERS = 64
-METHODS = ("engine_base", "engine_flora_r1", "engine_lora_r8", "peft_lora_r8", "hf_static_base")
-CSV_COLUMNS = (
-    "device threads method requests rows prompt_tokens output_tokens wall_s tokens_per_s "
-    "ttft_p50_s ttft_p90_s latency_p50_s latency_p90_s ratio_vs_engine_base"
-).split()
+ADAPTERS = 16
+METHODS = ("ours_base", "ours_flora_r1", "ours_lora_r8", "vllm_base", "vllm_lora_r8")
+TARGETS = ["q_proj", "k_proj"]
+CSV_COLUMNS = ["section", "name", "value", "unit", "detail"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--scale", type=float, default=0.25, help="multiplies ShareGPT-like lengths")
-    parser.add_argument("--rows", type=int, default=32, help="engine max_batch_rows = static batch size")
-    parser.add_argument("--tokens", type=int, default=512, help="engine max_batch_tokens")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per method; the fastest counts")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--quick", action="store_true", help="16 requests, a smaller scale: a smoke test")
+    parser.add_argument("--rows", type=int, default=32, help="rows at once (vLLM: max_num_seqs)")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per step (vLLM: max_num_batched_tokens)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both engines (0: every core)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, round-robin; the median counts")
+    parser.add_argument("--vllm", default=str(REPO_ROOT / ".venv-vllm" / "bin" / "python"),
+                        help="python of vLLM's virtualenv, or 'none' to skip the peer")
+    parser.add_argument("--sections", default="throughput,host,adapters", help="which parts to run")
+    parser.add_argument("--work-dir", type=Path, default=Path("~/.cache/flora/bench_engine").expanduser(),
+                        help="where the model and adapter directories are written")
+    parser.add_argument("--quick", action="store_true", help="a smaller smoke run")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "engine")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if sections - {"throughput", "host", "adapters"}:
+        parser.error(f"--sections {args.sections!r}: choose from throughput, host, adapters")
     if args.quick:
         args.requests, args.scale, args.repeats = 16, 0.1, 1
-    logging.basicConfig(level=logging.WARNING)
-    if args.device == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    vllm_python = None if args.vllm == "none" else Path(args.vllm)
+    if vllm_python is not None and not vllm_python.exists():
+        parser.error(f"--vllm {vllm_python} does not exist: run `make vllm-venv` first, or pass --vllm none")
 
-    lengths = sharegpt_like_lengths(args.requests, scale=args.scale, seed=args.seed)
-    base = build_model(args.device, args.seed)
-    prompts = [torch.randint(0, base.config.vocab_size, (p,), generator=torch.Generator().manual_seed(i)).tolist()
-               for i, (p, _) in enumerate(lengths)]
-    outputs = [o for _, o in lengths]
-    print(f"{len(lengths)} requests: prompt tokens mean {statistics.fmean(p for p, _ in lengths):.0f} "
-          f"(max {max(p for p, _ in lengths)}), output tokens mean {statistics.fmean(outputs):.0f} "
-          f"(max {max(outputs)}); device {args.device}, threads {torch.get_num_threads()}")
-
-    injected = copy.deepcopy(base)
-    banks = flora.inject(injected, "gpt_bigcode-c_attn", max_slots=2 * ADAPTERS + 1, max_rank=1, max_lora_rank=8)
-    flora_names, lora_names, lora_adapters = load_adapters(banks, args.seed)
-
-    peft_lora = peft_model(base, lora_names, lora_adapters) if "peft_lora_r8" in methods else None
-    runs = {  # method -> (warm_up: bool) -> (summary, output tokens)
-        "engine_base": lambda w: run_engine(injected, prompts, outputs, [None] * ADAPTERS, args, w),
-        "engine_flora_r1": lambda w: run_engine(injected, prompts, outputs, flora_names, args, w),
-        "engine_lora_r8": lambda w: run_engine(injected, prompts, outputs, lora_names, args, w),
-        "peft_lora_r8": lambda w: run_static(peft_lora, prompts, outputs, args, w, lora_names),
-        "hf_static_base": lambda w: run_static(base, prompts, outputs, args, w),
-    }
-    for method in methods:
-        runs[method](True)
-    rows, tokens = {}, {}
-    for repeat in range(args.repeats):
-        for method in methods:
-            result, out = runs[method](False)
-            print(f"{method:>16} #{repeat}: {result['tokens_per_s']:8.1f} tokens/s  wall {result['wall_s']:6.2f} s  "
-                  f"ttft p50 {result['ttft_p50_s']:.2f} s  latency p50 {result['latency_p50_s']:.2f} s", flush=True)
-            if method not in rows or result["wall_s"] < rows[method]["wall_s"]:
-                rows[method], tokens[method] = result, out
-
-    write_results(args, rows)
-    report(rows, tokens)
+    model_dir, flora_dirs, lora_dirs = write_assets(args.work_dir, quick=args.quick)
+    rows: list[dict] = []
+    if "throughput" in sections:
+        rows += throughput(args, model_dir, flora_dirs, lora_dirs, vllm_python, threads)
+    if "host" in sections:
+        rows += host_overhead(model_dir, 64 if args.quick else 256)
+    if "adapters" in sections:
+        rows += many_adapters(model_dir, args.repeats, quick=args.quick)
+    write_results(args.out, rows, threads)
 
 
 # --------------------------------------------------------------------------- model and adapters
 
 
-def build_model(device: str, seed: int) -> GPTBigCodeForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTBigCodeConfig(
-        vocab_size=4096, n_positions=1024, n_embd=512, n_layer=6, n_head=8, multi_query=True,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+def llama_config(quick: bool) -> LlamaConfig:
+    width, layers = (128, 2) if quick else (512, 6)
+    return LlamaConfig(
+        vocab_size=4096, hidden_size=width, intermediate_size=width * 43 // 16, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
-    model = GPTBigCodeForCausalLM(config).to(device).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
-def load_adapters(banks: flora.AdapterBanks, seed: int):
-    """64 FLoRA rank-1 and 64 LoRA rank-8 adapters moved off the identity, loaded into the banks."""
-    gen = torch.Generator().manual_seed(seed)
-    flora_names, lora_names, lora_adapters = [], [], {}
+def write_assets(root: Path, quick: bool) -> tuple[Path, list[Path], list[Path]]:
+    """The model and the 16 + 16 adapter directories (written once per configuration)."""
+    config = llama_config(quick)
+    root = root / f"llama-{config.hidden_size}x{config.num_hidden_layers}"
+    model_dir = root / "model"
+    if not (model_dir / "config.json").exists():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+    model = load_model(model_dir)
+    banks = flora.inject(model, TARGETS, max_slots=2, max_rank=1, max_lora_rank=8)
+    flora_dirs, lora_dirs = [], []
+    gen = torch.Generator().manual_seed(1)
     for i in range(ADAPTERS):
-        for kind, rank, names in (("flora", 1, flora_names), ("lora", 8, lora_names)):
-            adapter = flora.init_adapter(kind, rank, banks.module_shapes, scale=2.0 if kind == "lora" else None, seed=i)
-            tensors = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in adapter.tensors.items()}
-            adapter = flora.Adapter(adapter.config, tensors)
-            name = f"{kind}{i}"
-            banks.load(name, adapter)
-            names.append(name)
-            if kind == "lora":
-                lora_adapters[name] = adapter
-    return flora_names, lora_names, lora_adapters
+        flora_dir, lora_dir = root / f"flora{i}", root / f"lora{i}"
+        if not (flora_dir / "flora_config.json").exists():
+            adapter = flora.init_adapter("flora", 1, banks.module_shapes, seed=i)
+            moved = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in adapter.tensors.items()}
+            flora.Adapter(adapter.config, moved).save(flora_dir)
+        if not (lora_dir / "adapter_config.json").exists():
+            write_peft_lora(lora_dir, banks.module_shapes, rank=8, alpha=16, seed=100 + i)
+        flora_dirs.append(flora_dir)
+        lora_dirs.append(lora_dir)
+    return model_dir, flora_dirs, lora_dirs
 
 
-# --------------------------------------------------------------------------- methods
+def write_peft_lora(directory: Path, module_shapes: dict, rank: int, alpha: int, seed: int) -> None:
+    """A LoRA adapter in PEFT's on-disk format (what vLLM and PEFT read), both factors non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, (dout, din) in module_shapes.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = torch.randn(rank, din, generator=gen) / din ** 0.5
+        tensors[f"base_model.model.{path}.lora_B.weight"] = torch.randn(dout, rank, generator=gen) * 0.05
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": TARGETS, "lora_dropout": 0.0,
+              "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": ""}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
 
 
-def run_engine(model, prompts, outputs, adapters, args, warm_up=False):
-    """All requests at once into our engine; request i uses adapters[i % len(adapters)]."""
+def load_model(model_dir: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------- throughput vs vLLM
+
+
+def throughput(args, model_dir, flora_dirs, lora_dirs, vllm_python, threads) -> list[dict]:
+    lengths = sharegpt_like_lengths(args.requests, scale=args.scale, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 4096, (p,), generator=gen).tolist() for p, _ in lengths]
+    outputs = [o for _, o in lengths]
+    print(f"{len(prompts)} requests: prompt tokens mean {statistics.fmean(map(len, prompts)):.0f}, output tokens "
+          f"mean {statistics.fmean(outputs):.0f} (max {max(outputs)}); {threads} threads, {args.rows} rows")
+    flora_names = [d.name for d in flora_dirs]
+    lora_names = [d.name for d in lora_dirs]
+    model = load_model(model_dir)
+    flora.inject(model, TARGETS, max_slots=2 * ADAPTERS + 1, max_rank=1, max_lora_rank=8)
     config = EngineConfig(max_batch_rows=args.rows, max_batch_tokens=args.tokens, eos_token_ids=())
-    if warm_up:
-        prompts, outputs = prompts[:8], [min(o, 8) for o in outputs[:8]]
+    engine = Engine(model, loader=DirectoryLoader(model_dir.parent), config=config)
+    peer = VLLMPeer(vllm_python, model_dir, lora_dirs, args, threads) if vllm_python else None
 
-    def requests(n):
-        return [Request(p, adapter=adapters[i % len(adapters)], max_new_tokens=o, ignore_eos=True)
-                for i, (p, o) in enumerate(zip(prompts[:n], outputs[:n]))]
-
-    with Engine(model, config=config) as engine:
+    def ours(names):
+        adapters = [names[i % ADAPTERS] if names else None for i in range(len(prompts))]
         start = time.perf_counter()
-        results = engine.generate(requests(len(prompts)))
+        results = engine.generate([Request(p, adapter=a, max_new_tokens=o, ignore_eos=True)
+                                   for p, a, o in zip(prompts, adapters, outputs)])
         wall = time.perf_counter() - start
-    assert all(r.ok and len(r.output_ids) == o for r, o in zip(results, outputs))
-    return summary(prompts, outputs, wall, [r.ttft_s for r in results], [r.latency_s for r in results]), [
-        list(r.output_ids) for r in results
-    ]
+        assert all(r.ok and len(r.output_ids) == o for r, o in zip(results, outputs)), [r.error for r in results]
+        return wall, [list(r.output_ids) for r in results]
 
-
-class _FirstStep(LogitsProcessor):
-    """Records when generate first asks for next-token scores: the end of the batch's prefill."""
-
-    def __init__(self):
-        self.at = None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            self.at = time.perf_counter()
-        return scores
-
-
-def run_static(model, prompts, outputs, args, warm_up=False, adapters=None):
-    """Static batches of `args.rows` requests in arrival order, each run to its longest output."""
-    if warm_up:
-        prompts, outputs = prompts[:8], [min(o, 8) for o in outputs[:8]]
-
-    def batch(lo, hi, record):
-        rows = list(range(lo, hi))
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(rows):
-            ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[j, width - len(prompts[i]):] = 1
-        first = _FirstStep()
-        kwargs = {"adapter_names": [adapters[i % len(adapters)] for i in rows]} if adapters else {}
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=max(outputs[i] for i in rows),
-                do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([first]), **kwargs,
-            )
-        for j, i in enumerate(rows):
-            record[i] = (out[j, width:width + outputs[i]].tolist(), first.at)
-
-    record: dict[int, tuple] = {}
-    start = time.perf_counter()
-    ends = {}
-    for lo in range(0, len(prompts), args.rows):
-        hi = min(lo + args.rows, len(prompts))
-        batch(lo, hi, record)
-        ends.update({i: time.perf_counter() for i in range(lo, hi)})
-    wall = time.perf_counter() - start
-    ttft = [record[i][1] - start for i in range(len(prompts))]
-    latency = [ends[i] - start for i in range(len(prompts))]
-    return summary(prompts, outputs, wall, ttft, latency), [record[i][0] for i in range(len(prompts))]
-
-
-def peft_model(base, names, adapters):
-    """PEFT's LoRA model with the same 64 adapters as the banks."""
-    import peft
-
-    first = adapters[names[0]]
-    config = peft.LoraConfig(
-        r=first.config.rank, lora_alpha=first.config.scale * first.config.rank, lora_dropout=0.0,
-        target_modules=["c_attn"],
-    )
-    model = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, config)
-    with torch.no_grad():
-        for name in names:
-            for path in adapters[name].config.module_shapes:
-                layer = model.get_submodule(f"base_model.model.{path}")
-                t = adapters[name].module_tensors(path)
-                layer.lora_A[name].weight.copy_(t["lora_A"])
-                layer.lora_B[name].weight.copy_(t["lora_B"])
-    return model.eval()
-
-
-def summary(prompts, outputs, wall, ttft, latency) -> dict:
-    q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
-    return {
-        "requests": len(prompts),
-        "prompt_tokens": sum(len(p) for p in prompts),
-        "output_tokens": sum(outputs),
-        "wall_s": wall,
-        "tokens_per_s": sum(outputs) / wall,
-        "ttft_p50_s": q(ttft, 0.5), "ttft_p90_s": q(ttft, 0.9),
-        "latency_p50_s": q(latency, 0.5), "latency_p90_s": q(latency, 0.9),
+    runs = {
+        "ours_base": lambda: ours(None),
+        "ours_flora_r1": lambda: ours(flora_names),
+        "ours_lora_r8": lambda: ours(lora_names),
     }
+    if peer is not None:
+        runs["vllm_base"] = lambda: peer.generate(prompts, outputs, None)
+        runs["vllm_lora_r8"] = lambda: peer.generate(prompts, outputs, lora_names)
+    walls: dict[str, list[float]] = {m: [] for m in runs}
+    tokens: dict[str, list] = {}
+    try:
+        for method, run in runs.items():
+            tokens[method] = run()[1]  # warm-up: loads adapters, compiles, fills caches
+        for repeat in range(args.repeats):
+            for method, run in runs.items():
+                wall, _ = run()
+                walls[method].append(wall)
+                print(f"{method:>14} #{repeat}: {sum(outputs) / wall:8.1f} tokens/s  wall {wall:6.2f} s", flush=True)
+    finally:
+        engine.close()
+        if peer is not None:
+            peer.close()
+    out = []
+    tps = {}
+    for method, w in walls.items():
+        tps[method] = sum(outputs) / statistics.median(w)
+        out.append(row("throughput", method, tps[method], "output tokens/s",
+                       f"median of {len(w)}: " + " ".join(f"{sum(outputs) / x:.0f}" for x in w)))
+    for a, b, target in (("ours_base", "vllm_base", 1.0), ("ours_flora_r1", "ours_base", 0.95),
+                         ("ours_flora_r1", "vllm_lora_r8", 2.0), ("ours_lora_r8", "vllm_lora_r8", None),
+                         ("ours_lora_r8", "ours_base", None), ("vllm_lora_r8", "vllm_base", None)):
+        if a in tps and b in tps:
+            out.append(ratio_row(f"{a} / {b}", tps[a] / tps[b], target))
+    for a, b in (("ours_base", "vllm_base"), ("ours_lora_r8", "vllm_lora_r8")):
+        if a in tokens and b in tokens:
+            same = sum(x == y for xs, ys in zip(tokens[a], tokens[b]) for x, y in zip(xs, ys))
+            total = sum(len(xs) for xs in tokens[a])
+            whole = sum(xs == ys for xs, ys in zip(tokens[a], tokens[b]))
+            out.append(row("agreement", f"{a} vs {b}", same / total, "fraction of greedy tokens equal",
+                           f"{same}/{total} tokens; {whole}/{len(tokens[a])} requests identical"))
+            print(f"greedy tokens equal, {a} vs {b}: {same}/{total}; requests identical {whole}/{len(tokens[a])}")
+    return out
+
+
+class VLLMPeer:
+    """`jobs/vllm_peer.py` in vLLM's virtualenv, fed one job per timed run."""
+
+    def __init__(self, python: Path, model_dir: Path, lora_dirs: list[Path], args, threads: int):
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", OMP_NUM_THREADS=str(threads))
+        env.pop("PYTHONPATH", None)
+        command = [str(python), str(REPO_ROOT / "jobs" / "vllm_peer.py"), "--model", str(model_dir),
+                   "--rows", str(args.rows), "--tokens", str(args.tokens)]
+        for d in lora_dirs:
+            command += ["--lora", f"{d.name}={d}"]
+        print("starting vLLM:", " ".join(command[:2]), "...", flush=True)
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=str(model_dir.parent))
+        self._read("READY")
+
+    def generate(self, prompts, outputs, names):
+        job = {"prompts": prompts, "max_tokens": outputs,
+               "loras": [names[i % ADAPTERS] for i in range(len(prompts))] if names else None}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        result = json.loads(self._read("RESULT "))
+        return result["wall_s"], result["tokens"]
+
+    def _read(self, marker: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return line[len(marker):]
+        raise RuntimeError(f"vLLM exited (status {self.proc.wait()}) before answering; its log is above")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# --------------------------------------------------------------------------- host overhead, many adapters
+
+
+def host_overhead(model_dir: Path, rows: int) -> list[dict]:
+    """Median host time of decode steps with every row running, on the base model."""
+    model = load_model(model_dir)
+    flora.inject(model, TARGETS, max_slots=2, max_rank=1, max_lora_rank=0)
+    engine = Engine(model, config=EngineConfig(max_batch_rows=rows, max_batch_tokens=16 * rows, eos_token_ids=()))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(rows):
+        engine.add_request(Request(torch.randint(3, 4096, (16,), generator=gen).tolist(), max_new_tokens=48, ignore_eos=True))
+    steps = []
+    while engine.has_work:
+        engine.step()
+        s = engine.last_step
+        if s is not None and s.rows == s.tokens == s.drawn == rows:
+            steps.append(s)
+    engine.close()
+    steps = steps[3:]  # past the first decode steps (allocator warm-up)
+    host = statistics.median(s.host_s for s in steps) * 1e3
+    wall = statistics.median(s.wall_s for s in steps) * 1e3
+    print(f"decode steps at {rows} rows: {len(steps)}; step {wall:.2f} ms, host overhead {host:.3f} ms (median)")
+    return [row("host", f"decode step at {rows} rows", wall, "ms", "median wall time"),
+            row("host", f"host overhead at {rows} rows", host, "ms", "median of wall time minus model forward and sampler; target <= 1 ms")]
+
+
+def many_adapters(model_dir: Path, repeats: int, quick: bool) -> list[dict]:
+    """1,024 distinct FLoRA rank-1 adapters in flight against 16, from a bank of 4,096 slots."""
+    slots, distinct, rows = (512, 128, 64) if quick else (4096, 1024, 256)
+    model = load_model(model_dir)
+    banks = flora.inject(model, TARGETS, max_slots=slots + 1, max_rank=1, max_lora_rank=0)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(distinct):
+        adapter = flora.init_adapter("flora", 1, banks.module_shapes, seed=i)
+        banks.load(f"a{i}", flora.Adapter(adapter.config, {k: v + 0.05 * torch.randn(v.shape, generator=gen)
+                                                           for k, v in adapter.tensors.items()}))
+    prompts = [torch.randint(3, 4096, (16,), generator=gen).tolist() for _ in range(distinct)]
+    engine = Engine(model, config=EngineConfig(max_batch_rows=rows, max_batch_tokens=16 * rows, eos_token_ids=()))
+
+    def run(k):
+        start = time.perf_counter()
+        out = engine.generate([Request(p, adapter=f"a{i % k}", max_new_tokens=32, ignore_eos=True) for i, p in enumerate(prompts)])
+        assert all(r.ok for r in out)
+        return 32 * len(prompts) / (time.perf_counter() - start)
+
+    run(distinct)
+    tps = {16: [], distinct: []}
+    for _ in range(max(repeats, 2)):
+        for k in tps:
+            tps[k].append(run(k))
+            print(f"{k:>5} distinct adapters: {tps[k][-1]:8.1f} tokens/s", flush=True)
+    engine.close()
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    return [row("adapters", f"{k} distinct FLoRA r1 adapters ({slots} slots, {rows} rows)", med[k], "output tokens/s",
+                " ".join(f"{x:.0f}" for x in v)) for k, v in tps.items()] + [
+        ratio_row(f"{distinct} distinct / 16 distinct", med[distinct] / med[16], 0.95)]
 
 
 # --------------------------------------------------------------------------- results
 
 
-def write_results(args, rows: dict[str, dict]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if str(args.device).startswith("cuda") else args.device
-    base_tps = rows.get("engine_base", {}).get("tokens_per_s")
-    path = args.out / f"engine_{device}.csv"
+def row(section, name, value, unit, detail="") -> dict:
+    return {"section": section, "name": name, "value": round(value, 4), "unit": unit, "detail": detail}
+
+
+def ratio_row(name, value, target) -> dict:
+    verdict = "" if target is None else f"target >= {target}: {'met' if value >= target else 'MISSED'}"
+    print(f"{name} = {value:.3f} {verdict}")
+    return row("ratio", name, value, "x", verdict)
+
+
+def write_results(out: Path, rows: list[dict], threads: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "engine_cpu.csv"
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS)
         writer.writeheader()
-        for method, r in rows.items():
-            writer.writerow({
-                "device": device, "threads": torch.get_num_threads(), "method": method, "rows": args.rows,
-                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()},
-                "ratio_vs_engine_base": round(r["tokens_per_s"] / base_tps, 3) if base_tps else "",
-            })
+        writer.writerows(rows)
     print(f"wrote {path}")
     try:
         import matplotlib
@@ -280,47 +347,23 @@ def write_results(args, rows: dict[str, dict]) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    names = list(rows)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.bar(names, [rows[m]["tokens_per_s"] for m in names], color="tab:blue")
-    ax1.set_ylabel("output tokens / s")
-    ax1.set_title(f"throughput, {rows[names[0]]['requests']} requests, ShareGPT-like lengths")
-    x = range(len(names))
-    for offset, key, label in ((-0.3, "ttft_p50_s", "TTFT p50"), (-0.1, "ttft_p90_s", "TTFT p90"),
-                               (0.1, "latency_p50_s", "latency p50"), (0.3, "latency_p90_s", "latency p90")):
-        ax2.bar([i + offset for i in x], [rows[m][key] for m in names], width=0.2, label=label)
-    ax2.set_xticks(list(x), names)
-    ax2.set_ylabel("seconds (all requests arrive at 0)")
-    ax2.set_title("time to first token and request latency")
-    ax2.legend()
-    for ax in (ax1, ax2):
+    panels = [(s, [r for r in rows if r["section"] == s]) for s in ("throughput", "adapters", "host")]
+    panels = [(s, rs) for s, rs in panels if rs]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    titles = {"throughput": "output tokens/s, same requests and weights", "adapters": "FLoRA r1: distinct adapters in flight",
+              "host": "decode step, ms"}
+    for ax, (section, rs) in zip(axes[0], panels):
+        colors = ["tab:orange" if r["name"].startswith("vllm") else "tab:blue" for r in rs]
+        ax.bar([r["name"].split(" (")[0] for r in rs], [r["value"] for r in rs], color=colors)
+        ax.set_title(titles[section])
         ax.tick_params(axis="x", labelrotation=20)
-    fig.suptitle(f"flora engine vs static batching and PEFT ({device}, torch threads={torch.get_num_threads()})")
+    fig.suptitle(f"flora engine vs vLLM (CPU, {threads} threads)")
     fig.tight_layout()
-    png = args.out / f"engine_{device}.png"
+    png = out / "engine_cpu.png"
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
-
-
-def report(rows: dict[str, dict], tokens: dict[str, list]) -> None:
-    tps = {m: r["tokens_per_s"] for m, r in rows.items()}
-
-    def ratio(a, b, target):
-        if a in tps and b in tps:
-            r = tps[a] / tps[b]
-            print(f"{a} / {b} = {r:.2f}x (target >= {target}x): {'ok' if r >= target else 'MISSED'}")
-
-    ratio("engine_flora_r1", "engine_base", 0.9)
-    ratio("engine_flora_r1", "peft_lora_r8", 2.0)
-    ratio("engine_lora_r8", "peft_lora_r8", 2.0)
-    ratio("engine_base", "hf_static_base", 1.3)
-    # The same greedy tokens, computed two independent ways (agreement < 100% can come from
-    # float near-ties after many tokens, not from a different computation).
-    for a, b in (("engine_lora_r8", "peft_lora_r8"), ("engine_base", "hf_static_base")):
-        if a in tokens and b in tokens:
-            same = sum(x == y for xs, ys in zip(tokens[a], tokens[b]) for x, y in zip(xs, ys))
-            total = sum(len(xs) for xs in tokens[a])
-            print(f"tokens equal between {a} and {b}: {same}/{total}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 import os
 import sys
 
+# Without a GPU, Triton kernels run in Triton's interpreter (on CPU tensors). It must be chosen
+# before Triton is first imported, so here, before any test module imports flora.kernels.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _exit_status = None
 
 

@@ -1,4 +1,4 @@
-"""The generation engine: continuous batching over a Hugging Face decoder with adapter banks.
+"""The generation engine: continuous batching over a paged KV pool, every request on its own adapter.
 
     engine = Engine(model, loader=DirectoryLoader("adapters"), config=EngineConfig(max_batch_rows=32))
     outputs = engine.generate([Request(prompt_ids, adapter="julia", max_new_tokens=64), ...])
@@ -9,27 +9,29 @@
     engine.close()
 
 One step (`step()`, on the engine thread):
-  1. take new requests, collect finished adapter loads, honour cancellations;
-  2. plan (`Scheduler.plan`): admit waiting requests first come first served within the row
-     limit and the token budget, pinning their adapter slots (copying loaded adapters in);
-  3. decode: one forward over every decoding row, one new token each, rows of any adapters;
-  4. prefill: one forward over this step's prompt chunks; rows whose prompt is complete
-     sample their first token;
-  5. retire finished rows (free their KV rows and adapter pins), let prefilled rows join the
-     decode batch.
-Both forwards run `with flora.route(model, slots)`, one slot per row. Per-row KV state lives in
-`BatchKV` (left padded, explicit masks and positions), so each row computes what it would
-alone: greedy outputs equal `generate` on the model with that row's adapter merged in.
+  1. take new requests, finished adapter loads, cancellations and stop-string hits;
+  2. plan (`Scheduler.schedule`): every decoding row, prompt chunks of prefilling rows, newly
+     admitted requests (their adapter slots pinned), within the row and token budgets; blocks
+     for all of them, preempting the newest rows when the pool is short;
+  3. one packed forward over all of those tokens (`ModelRunner`), each token through its own
+     adapter slot, attention reading the KV pool through block tables;
+  4. draw the next token of every row whose chunk reached its end (`sampling.sample`, on the
+     device, one read back to the host);
+  5. record the step in the batch arrays, put newly full blocks in the prefix cache, retire the
+     rows that finished, and hand the tokens to the output side (`OutputProcessor`: streaming,
+     stop strings, final outputs), on its own thread when the loop runs in the background.
+Greedy outputs equal `generate` on the model with the request's adapter merged in, whatever
+else shares the batch.
 
-Failures stay with their request: an error while processing one row's token (sampling,
-detokenizing for stop strings) fails that request only; a failed prefill forward is run again
-row by row, so that only the rows that fail alone fail; a failed decode forward fails the
-decoding rows. The engine goes on in every case.
+Failures stay with their request: if a forward fails, the step's rows run again one by one
+and only those that fail alone fail; an error while delivering one request's tokens fails that
+request. The engine goes on in every case.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -40,32 +42,61 @@ from dataclasses import dataclass
 import torch
 
 import flora
-from flora.engine.cache import BatchKV
+from flora.engine.attention import BACKENDS, select_backend
+from flora.engine.batch import BatchState, StepPlan
+from flora.engine.kv_cache import BlockManager, KVPool
 from flora.engine.metrics import EngineMetrics
-from flora.engine.request import (
-    Request,
-    RequestHandle,
-    RequestOutput,
-    RequestRejected,
-    TokenEvent,
-    check_request,
-)
-from flora.engine.sampling import new_generator, sample_tokens, token_logprobs
+from flora.engine.models import IMPLS, Linears, build_decoder
+from flora.engine.outputs import Ended, OutputProcessor, OutputThread, TokenBatch
+from flora.engine.request import Request, RequestHandle, RequestOutput, RequestRejected, check_request
+from flora.engine.runner import GRAPH_MODES, ModelRunner
+from flora.engine.sampling import sample
 from flora.engine.scheduler import Admission, Scheduler, Sequence
-from flora.engine.slots import AdapterUnavailable, Loader, SlotManager, route_rows
+from flora.engine.slots import AdapterUnavailable, Loader, SlotManager
 
 log = logging.getLogger(__name__)
+
+SEED_MASK = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """The last step that ran the model: its wall time, the part in the model's forward and the
+    sampler (`model_s`; the rest is host work), its rows and tokens."""
+
+    wall_s: float
+    model_s: float
+    rows: int
+    tokens: int
+    drawn: int
+
+    @property
+    def host_s(self) -> float:
+        return self.wall_s - self.model_s
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """max_batch_rows: rows (requests) decoding or prefilling at once.
-    max_batch_tokens: tokens one step may compute: decoding rows + padded prefill chunk tokens.
+    """max_batch_rows: requests running (prefilling or decoding) at once.
+    max_batch_tokens: tokens one step computes: one per decoding row plus prefill chunks.
     eos_token_ids: stop tokens of every request (unless it sets ignore_eos); None takes the
         model's `generation_config.eos_token_id`.
-    load_threads: adapters loading at once, each on its own background thread (a slow load
-        holds one). idle_wait_s: how long an idle engine
-        thread sleeps before looking again (new requests and finished loads wake it at once).
+    load_threads: adapters loading at once, each on its own background thread.
+    idle_wait_s: how long an idle engine thread sleeps before looking again (new requests,
+        cancellations and finished loads wake it at once).
+    block_size: tokens per KV block. kv_cache_tokens: the pool's size in tokens; None sizes it:
+        on CUDA `kv_memory_fraction` of the memory free after loading the model, less room for
+        activations; elsewhere room for every row at the full context, at most `cpu_kv_cache_gb`.
+    prefix_caching: reuse the KV blocks of a prompt prefix seen before under the same adapter.
+    attention: "auto" (Triton on CUDA, PyTorch ops elsewhere), "torch" or "triton".
+    model_impl: "auto" (our forward for llama-family and gpt_bigcode models, Hugging Face's with
+        our attention for others), "native" or "hf".
+    cpu_matmul: "auto" (oneDNN with prepacked weights on CPU, see `flora.engine.models.linear`;
+        a second copy of the linear weights), "onednn" or "torch" (PyTorch's own, no copy).
+    graphs: CUDA graphs for decode steps, "auto" (on CUDA), "off", or "static" (the same static
+        buffers without capture, on any device: for tests). max_graph_rows: the largest batch
+        captured (default: max_batch_rows, at most 256).
+    max_model_len: cap on prompt + output tokens (default: the model's context).
     """
 
     max_batch_rows: int = 32
@@ -73,6 +104,17 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] | None = None
     load_threads: int = 4
     idle_wait_s: float = 0.05
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    kv_memory_fraction: float = 0.9
+    cpu_kv_cache_gb: float = 4.0
+    prefix_caching: bool = True
+    attention: str = "auto"
+    model_impl: str = "auto"
+    cpu_matmul: str = "auto"
+    graphs: str = "auto"
+    max_graph_rows: int | None = None
+    max_model_len: int | None = None
 
     def __post_init__(self):
         if self.max_batch_rows < 1:
@@ -84,6 +126,22 @@ class EngineConfig:
             )
         if self.load_threads < 1:
             raise ValueError(f"load_threads={self.load_threads}: must be >= 1")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size}: must be a power of two")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens={self.kv_cache_tokens}: must hold at least one block ({self.block_size})")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction={self.kv_memory_fraction}: must be in (0, 1]")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention={self.attention!r}: choose one of {BACKENDS}")
+        if self.model_impl not in IMPLS:
+            raise ValueError(f"model_impl={self.model_impl!r}: choose one of {IMPLS}")
+        if self.cpu_matmul not in ("auto", "torch", "onednn"):
+            raise ValueError(f"cpu_matmul={self.cpu_matmul!r}: choose one of ('auto', 'torch', 'onednn')")
+        if self.graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs={self.graphs!r}: choose one of {GRAPH_MODES}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len}: must be >= 2")
         if self.eos_token_ids is not None:
             object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
@@ -115,36 +173,56 @@ class Engine:
                 "the model is in training mode (dropout would make outputs random): call model.eval() first"
             )
         self.model = model
-        self.config = config or EngineConfig()
+        self.config = cfg = config or EngineConfig()
         self.detokenize = detokenize
         try:
             self.banks = flora.banks_of(model)
         except ValueError:
             self.banks = None  # a plain model: base-model requests only
-        self.context_len = _context_len(model_config)
+        self.context_len = min(_context_len(model_config), cfg.max_model_len or math.inf)
         self.vocab_size = model_config.vocab_size
-        self.num_layers = model_config.num_hidden_layers
         embeddings = model.get_input_embeddings().weight
         self.device, self.dtype = embeddings.device, embeddings.dtype
-        self.eos_token_ids = frozenset(
-            self.config.eos_token_ids if self.config.eos_token_ids is not None else _model_eos(model)
+        self.eos_token_ids = frozenset(cfg.eos_token_ids if cfg.eos_token_ids is not None else _model_eos(model))
+
+        linears = Linears.build(model, "onednn" if cfg.cpu_matmul in ("auto", "onednn") else "torch")
+        self.decoder = build_decoder(model, linears, cfg.model_impl, max_positions=self.context_len)
+        num_layers = model_config.num_hidden_layers
+        per_block = KVPool.bytes_per_block(num_layers, cfg.block_size, self.decoder.kv_heads, self.decoder.head_dim, self.dtype)
+        num_blocks = self._pool_blocks(per_block)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, prefix_caching=cfg.prefix_caching)
+        self.pool = KVPool.allocate(num_layers, num_blocks, cfg.block_size, self.decoder.kv_heads,
+                                    self.decoder.head_dim, self.dtype, self.device)
+        # The longest sequence: the context, or what the pool holds alone (+1: the last token
+        # drawn is never computed).
+        self.max_seq_len = int(min(self.context_len, self.blocks.usable_blocks * cfg.block_size + 1))
+        if self.max_seq_len < self.context_len:
+            log.warning("the KV pool holds %d tokens per sequence, less than the context (%d): raise kv_cache_tokens",
+                        self.max_seq_len - 1, self.context_len)
+        self.batch = BatchState(cfg.max_batch_rows, self.max_seq_len, cfg.block_size)
+        self.scheduler = Scheduler(self.batch, self.blocks, cfg.max_batch_tokens, admit=self._admit,
+                                   release=self._release_adapter, adapter_key=self._adapter_key)
+        self.runner = ModelRunner(
+            self.decoder, self.banks, self.pool, select_backend(cfg.attention, self.device), self.device,
+            linear=linears.route_linear(), graphs=cfg.graphs, max_graph_rows=min(cfg.max_graph_rows or cfg.max_batch_rows, 256),
+            max_blocks_per_seq=self.batch.max_blocks,
         )
 
         self._wake = threading.Event()
-        self.slots = SlotManager(self.banks, loader, load_threads=self.config.load_threads, on_loaded=self._wake.set)
-        self.scheduler = Scheduler(self.config.max_batch_rows, self.config.max_batch_tokens)
+        self.slots = SlotManager(self.banks, loader, load_threads=cfg.load_threads, on_loaded=self._wake.set)
         self.metrics = EngineMetrics()
-        self.decoding: list[Sequence] = []  # aligned with the rows of `decode_kv`
-        self.decode_kv = BatchKV(self.num_layers, 0, self.device)
-        self._joining: list[Sequence] = []  # prompt done this step, joining the decode batch
+        self.outputs = OutputProcessor(self.metrics, detokenize, on_stop=self._request_stop)
+        self._output_thread: OutputThread | None = None
         self._inbox: deque[Sequence] = deque()
+        self._cancels: deque[Sequence] = deque()
+        self._stops: deque[Sequence] = deque()  # ended by the output side (stop string, error)
         self._inbox_lock = threading.Lock()
         self._arrivals = 0
-        self._generated = 0  # tokens produced in the current step
         self._step_lock = threading.Lock()
         self._runner: threading.Thread | None = None  # the thread in run_forever, if any
         self._stop = threading.Event()
         self._closed = False
+        self.last_step: StepStats | None = None
 
     # ------------------------------------------------------------------ any thread
 
@@ -159,20 +237,25 @@ class Engine:
                 request, context_len=self.context_len, vocab_size=self.vocab_size,
                 can_detokenize=self.detokenize is not None,
             )
+            if len(request.prompt) >= self.max_seq_len:
+                raise RequestRejected(
+                    f"prompt has {len(request.prompt)} tokens but the KV cache holds at most {self.max_seq_len - 1} "
+                    f"per sequence ({self.blocks.usable_blocks} blocks of {self.blocks.block_size}): shorten the "
+                    "prompt or raise EngineConfig.kv_cache_tokens"
+                )
             self.slots.check(request.adapter)
         except RequestRejected:
             self.metrics.record_rejected()
             raise
         handle = RequestHandle(request)
         sampling = request.sampling
-        generator = None
-        if not sampling.greedy:
-            seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
-            generator = new_generator(seed, self.device)
+        seed = sampling.seed & SEED_MASK if sampling.seed is not None else secrets.randbits(62)
         stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_token_ids)
         with self._inbox_lock:
             self._arrivals += 1
-            seq = Sequence(request, handle, self._arrivals, time.monotonic(), stop_ids, generator)
+            seq = Sequence(request, handle, self._arrivals, time.monotonic(), stop_ids, seed,
+                           tokens=list(request.prompt), num_prompt=len(request.prompt))
+            handle._on_cancel = lambda: self._request_cancel(seq)
             self._inbox.append(seq)
         self._wake.set()
         return handle
@@ -212,19 +295,26 @@ class Engine:
         return self
 
     def run_forever(self) -> None:
-        """Step whenever there is work, sleep otherwise, until `stop()`; runs on the calling thread."""
+        """Step whenever there is work, sleep otherwise, until `stop()`; runs on the calling thread.
+
+        Outputs are delivered from a thread of their own meanwhile."""
         self._runner = threading.current_thread()
+        self._output_thread = OutputThread(self.outputs)
         try:
             while not self._stop.is_set():
                 try:
                     busy = self._locked_step()
                 except Exception as err:  # noqa: BLE001 - a bug must not kill serving silently
                     log.exception("engine step failed; failing the requests in flight")
-                    self._fail_all(f"engine step failed: {err!r}")
+                    with self._step_lock:
+                        self._fail_all(f"engine step failed: {err!r}")
                     busy = False
                 if not busy:
                     self._idle()
         finally:
+            with self._step_lock:
+                thread, self._output_thread = self._output_thread, None
+            thread.close()
             self._runner = None
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -252,7 +342,15 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._inbox or self.scheduler.waiting or self.scheduler.prefilling or self.decoding)
+        return bool(self._inbox or self.scheduler.waiting or self.batch.running or self._cancels or self._stops)
+
+    def _request_cancel(self, seq: Sequence) -> None:
+        self._cancels.append(seq)
+        self._wake.set()
+
+    def _request_stop(self, seq: Sequence) -> None:
+        self._stops.append(seq)
+        self._wake.set()
 
     # ------------------------------------------------------------------ the engine thread
 
@@ -268,24 +366,73 @@ class Engine:
             return self._step()
 
     def _step(self) -> bool:
+        started = time.perf_counter()
         self._take_inbox()
         self._collect_loads()
-        busy = self._cancel_requested()
-        chunks = self.scheduler.plan(len(self.decoding), self._admit)
-        self._generated = 0
-        if self.decoding:
-            self._decode()
-        if chunks:
-            self._prefill(chunks)
-        busy = self._retire() or busy or bool(chunks) or self._generated > 0
+        busy = self._take_cancels()
+        plan = self.scheduler.schedule()
+        generated = prompt_tokens = 0
+        model_s = None
+        if plan is not None:
+            busy = True
+            prompt_tokens = self.batch.prompt_tokens(plan)
+            generated, model_s = self._run(plan)
+        running = self.batch.running
+        prefilling = self.scheduler.prefilling
+        if plan is not None:
+            self.last_step = StepStats(time.perf_counter() - started, model_s, len(plan.rows), plan.num_tokens, generated)
         self.metrics.record_step(
-            time.monotonic(), self._generated, sum(n for _, n in chunks),
-            queue_length=len(self.scheduler.waiting), running_rows=len(self.decoding) + len(self.scheduler.prefilling),
-            prefilling_rows=len(self.scheduler.prefilling), decoding_rows=len(self.decoding),
-            adapters_resident=len(self.slots.resident), adapters_loading=self.slots.loading,
-            evictions=self.slots.evictions,
+            time.monotonic(), generated, prompt_tokens,
+            host_s=None if plan is None else self.last_step.host_s,
+            queue_length=len(self.scheduler.waiting), running_rows=running, prefilling_rows=prefilling,
+            decoding_rows=running - prefilling, adapters_resident=len(self.slots.resident),
+            adapters_loading=self.slots.loading, evictions=self.slots.evictions,
+            kv_blocks_total=self.blocks.usable_blocks, kv_blocks_free=self.blocks.free_blocks,
+            prefix_cache_hit_blocks=self.blocks.hits, preemptions=self.scheduler.preemptions,
         )
         return busy
+
+    def _run(self, plan: StepPlan) -> tuple[int, float]:
+        """Forward and draw for `plan`; returns (tokens drawn, seconds in the model and sampler).
+
+        A failure reruns the plan's rows one by one, so that only the rows that fail alone fail
+        (nothing is recorded for a failed forward: keys it wrote lie past what the rows computed).
+        """
+        inputs = self.batch.inputs(plan)
+        try:
+            started = time.perf_counter()
+            logits = self.runner.forward(inputs)
+            sampled = sample(logits, inputs.sampling)
+            model_s = time.perf_counter() - started
+        except Exception as err:  # noqa: BLE001 - fails the rows at fault, not the engine
+            if len(plan.rows) > 1:
+                log.warning("a forward of %d rows failed (%r); running them one by one", len(plan.rows), err)
+                results = [self._run(plan.subset([i])) for i in range(len(plan.rows)) if self.batch.active[plan.rows[i]]]
+                return sum(g for g, _ in results), sum(s for _, s in results)
+            seq = self.batch.seqs[int(plan.rows[0])]
+            log.exception("forward failed for request %s", seq.request.request_id)
+            self._end(seq, "error", f"forward failed: {err!r}")
+            return 0, 0.0
+        stopped, length = self.batch.advance(plan, inputs.sample_rows, sampled.tokens)
+        self.scheduler.register_full_blocks(plan)
+        seqs = [self.batch.seqs[r] for r in inputs.sample_rows.tolist()]
+        for i in (stopped | length).nonzero()[0].tolist():
+            self.scheduler.finish(seqs[i])
+        self._deliver(TokenBatch(seqs, sampled, stopped, length, time.monotonic()))
+        return len(seqs), model_s
+
+    def _deliver(self, item) -> None:
+        if self._output_thread is not None:
+            self._output_thread.put(item)
+        else:
+            self.outputs.process(item)
+
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End a request that gets no further token: free what it holds, tell its caller."""
+        if seq.state == "done":
+            return
+        self.scheduler.finish(seq)
+        self._deliver(Ended(seq, reason, error))
 
     def _take_inbox(self) -> None:
         with self._inbox_lock:
@@ -297,207 +444,82 @@ class Engine:
     def _collect_loads(self) -> None:
         for name, error in self.slots.poll().items():
             for seq in [s for s in self.scheduler.waiting if s.request.adapter == name]:
-                self.scheduler.remove(seq)
-                self._finish(seq, "error", error=error)
+                self._end(seq, "error", error)
 
-    def _cancel_requested(self) -> bool:
-        cancelled = False
-        for seq in [*self.scheduler.waiting, *self.scheduler.prefilling]:
-            if seq.handle.cancel_requested:
-                self.scheduler.remove(seq)
-                self._finish(seq, "cancelled")
-                cancelled = True
-        for seq in self.decoding:
-            if seq.handle.cancel_requested and not seq.finished:
-                seq.finish_reason = "cancelled"
-                cancelled = True
-        return cancelled
+    def _take_cancels(self) -> bool:
+        busy = bool(self._cancels or self._stops)
+        while self._cancels:
+            self._end(self._cancels.popleft(), "cancelled")
+        while self._stops:  # the output side already ended these: only free what they hold
+            seq = self._stops.popleft()
+            if seq.state != "done":
+                self.scheduler.finish(seq)
+        return busy
 
     def _admit(self, seq: Sequence) -> Admission:
         try:
             status, slot = self.slots.acquire(seq.request.adapter)
         except AdapterUnavailable as err:
-            self._finish(seq, "error", error=str(err))
+            seq.state = "done"
+            self._deliver(Ended(seq, "error", str(err)))
             return Admission.FAILED
         if status is Admission.READY:
             seq.slot = slot
         return status
 
-    def _decode(self) -> None:
-        seqs = self.decoding
-        try:
-            logits = self._forward(self.decode_kv, [[s.output[-1]] for s in seqs], [s.slot for s in seqs])
-        except Exception as err:  # noqa: BLE001 - fails these rows, not the engine
-            log.exception("decode forward failed for %d rows", len(seqs))
-            for s in seqs:
-                s.finish_reason, s.error = "error", f"decode forward failed: {err!r}"
-            return
-        self._accept(seqs, logits)
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.slots.release(seq.request.adapter)
+            seq.slot = None
 
-    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
-        seqs = [s for s, _ in chunks]
-        kv = BatchKV.from_rows([s.kv for s in seqs], self.num_layers, self.device)
-        tokens = [list(s.prompt[s.prefilled : s.prefilled + n]) for s, n in chunks]
-        try:
-            logits = self._forward(kv, tokens, [s.slot for s in seqs])
-        except Exception as err:  # noqa: BLE001 - fails the row at fault, not the engine
-            if len(chunks) > 1:  # nothing was committed: find the row(s) at fault, one at a time
-                log.warning("prefill forward of %d rows failed (%r); running them one by one", len(chunks), err)
-                for chunk in chunks:
-                    self._prefill([chunk])
-                return
-            log.exception("prefill forward failed for request %s", seqs[0].request.request_id)
-            self.scheduler.remove(seqs[0])
-            self._finish(seqs[0], "error", error=f"prefill forward failed: {err!r}")
-            return
-        done = []
-        for i, (s, n) in enumerate(chunks):
-            s.prefilled += n
-            s.kv = kv.row(i)
-            if s.remaining_prompt == 0:
-                done.append(i)
-                self.scheduler.remove(s)
-        if done:
-            joining = [seqs[i] for i in done]
-            self._accept(joining, logits[done])
-            self._joining.extend(joining)
-
-    def _forward(self, kv: BatchKV, chunks: list[list[int]], slots: list[int | None]) -> torch.Tensor:
-        """Append `chunks[b]` to row b of `kv` under slot `slots[b]`; last-position logits [B, V]."""
-        inputs = kv.prepare(chunks, self.dtype)
-        try:
-            with torch.inference_mode(), route_rows(self.banks, slots):
-                out = self.model(**inputs, past_key_values=kv, use_cache=True, logits_to_keep=1)
-        except BaseException:
-            kv.abandon()
-            raise
-        kv.commit()
-        return out.logits[:, -1]  # [B, V]
-
-    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per row and apply it; an error fails only the row it happened in."""
-        try:
-            picked = self._pick(seqs, logits)
-        except Exception:  # noqa: BLE001 - find the row(s) at fault, one at a time
-            # (rows that drew before the failure draw again: seeded streams stay reproducible
-            # only on the path without errors)
-            picked = []
-            for i, s in enumerate(seqs):
-                try:
-                    picked.append(self._pick([s], logits[i : i + 1])[0])
-                except Exception as err:  # noqa: BLE001
-                    s.finish_reason, s.error = "error", f"sampling failed: {err!r}"
-                    picked.append(None)
-        now = time.monotonic()
-        for s, p in zip(seqs, picked):
-            if p is None:
-                continue
-            try:
-                self._append_token(s, *p, now)
-            except Exception as err:  # noqa: BLE001
-                log.warning("request %s failed while processing its token: %r", s.request.request_id, err)
-                s.finish_reason, s.error = "error", f"processing the output failed: {err!r}"
-
-    def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, tuple | None]]:
-        params = [s.request.sampling for s in seqs]
-        tokens = sample_tokens(logits, params, [s.generator for s in seqs])
-        return list(zip(tokens, token_logprobs(logits, tokens, [p.logprobs for p in params])))
-
-    def _append_token(self, s: Sequence, token: int, logprob: tuple | None, now: float) -> None:
-        s.output.append(token)
-        self._generated += 1
-        if logprob is not None:
-            s.logprobs.append(logprob[0])
-            s.top_logprobs.append(logprob[1])
-        first = s.first_token_s is None
-        self.metrics.record_token(
-            None if first else now - s.last_token_s, now - s.arrival_s if first else None
-        )
-        if first:
-            s.first_token_s = now
-        s.last_token_s = now
-        s.handle._emit(TokenEvent(token, len(s.output) - 1, *(logprob or (None, None))))
-        if token in s.stop_ids:
-            s.finish_reason, s.stop_reason = "stop", token
-        elif s.request.stop_strings and (hit := self._stop_string(s)) is not None:
-            s.finish_reason, s.stop_reason = "stop", hit
-        elif len(s.output) >= s.request.max_new_tokens or len(s.prompt) + len(s.output) >= self.context_len:
-            s.finish_reason = "length"
-
-    def _stop_string(self, s: Sequence) -> str | None:
-        """The first stop string in the decoded output that was not there one token ago."""
-        text = self.detokenize(list(s.output))
-        longest = max(len(x) for x in s.request.stop_strings)
-        start = max(0, s.text_checked - longest + 1)
-        s.text_checked = len(text)
-        hits = [(text.find(x, start), x) for x in s.request.stop_strings]
-        hits = [(i, x) for i, x in hits if i >= 0]
-        return min(hits)[1] if hits else None
-
-    def _retire(self) -> bool:
-        """Finish done rows, free their KV rows and pins; let prefilled rows join the decode batch."""
-        changed = False
-        if any(s.finished for s in self.decoding):
-            keep = [i for i, s in enumerate(self.decoding) if not s.finished]
-            for s in self.decoding:
-                if s.finished:
-                    self._finish(s, s.finish_reason)
-            self.decode_kv.select(keep)
-            self.decoding = [self.decoding[i] for i in keep]
-            changed = True
-        joining = []
-        for s in self._joining:
-            if s.finished:
-                self._finish(s, s.finish_reason)
-            else:
-                joining.append(s)
-        if joining:
-            self.decode_kv.extend([s.kv for s in joining])
-            for s in joining:
-                s.kv = None
-            self.decoding.extend(joining)
-        changed = changed or bool(self._joining)
-        self._joining = []
-        return changed
-
-    def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
-        now = time.monotonic()
-        s.finish_reason = reason
-        s.error = error or s.error
-        s.kv = None
-        if s.slot is not None:
-            self.slots.release(s.request.adapter)
-            s.slot = None
-        want_logprobs = s.request.sampling.logprobs is not None
-        output = RequestOutput(
-            request_id=s.request.request_id,
-            prompt=s.prompt,
-            output_ids=tuple(s.output),
-            finish_reason=reason,
-            adapter=s.request.adapter,
-            stop_reason=s.stop_reason,
-            logprobs=tuple(s.logprobs) if want_logprobs else None,
-            top_logprobs=tuple(s.top_logprobs) if want_logprobs else None,
-            error=s.error if reason == "error" else None,
-            ttft_s=None if s.first_token_s is None else s.first_token_s - s.arrival_s,
-            latency_s=now - s.arrival_s,
-        )
-        self.metrics.record_finish(reason, output.latency_s)
-        s.handle._finish(output)
+    def _adapter_key(self, slot: int) -> int:
+        return 0 if self.banks is None else self.banks.load_id(slot)
 
     def _fail_all(self, error: str, reason: str = "error") -> None:
-        """Finish every request in flight (after an unexpected error, or on close)."""
-        for s in [*self.scheduler.waiting, *self.scheduler.prefilling, *self.decoding, *self._joining]:
-            if not s.handle.done:
-                self._finish(s, reason, error=error)
-        self.scheduler.waiting.clear()
-        self.scheduler.prefilling.clear()
-        self.decoding, self._joining = [], []
-        self.decode_kv = BatchKV(self.num_layers, 0, self.device)
+        """End every request in flight (after an unexpected error, or on close)."""
+        running = [s for s in self.batch.seqs if s is not None]
+        for seq in [*self.scheduler.waiting, *running, *self._cancels]:
+            self._end(seq, reason, error)
+        self._cancels.clear()
+        self._stops.clear()
 
     def _idle(self) -> None:
         self._wake.wait(self.config.idle_wait_s)
         self._wake.clear()
+
+    # ------------------------------------------------------------------ sizing
+
+    def _pool_blocks(self, bytes_per_block: int) -> int:
+        """Blocks of the KV pool (block 0, the scratch block, included)."""
+        cfg = self.config
+        one_sequence = -(-int(self.context_len) // cfg.block_size)
+        if cfg.kv_cache_tokens is not None:
+            return 1 + -(-cfg.kv_cache_tokens // cfg.block_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * cfg.kv_memory_fraction - _activation_bytes(self.model.config, cfg, self.dtype)
+            blocks = int(budget // bytes_per_block)
+            if blocks < one_sequence:
+                raise ValueError(
+                    f"after the model and its activations, {max(budget, 0) / 2**30:.2f} GiB is left for the KV "
+                    f"cache: not one sequence of {int(self.context_len)} tokens; lower max_batch_tokens or "
+                    "max_model_len, or raise kv_memory_fraction"
+                )
+            return 1 + blocks
+        want = cfg.max_batch_rows * one_sequence
+        cap = int(cfg.cpu_kv_cache_gb * 2**30 // bytes_per_block)
+        return 1 + max(min(want, cap), one_sequence)
+
+
+def _activation_bytes(model_config, cfg: EngineConfig, dtype: torch.dtype) -> float:
+    """A generous estimate of one step's activations, the logits and sampling's copies of them,
+    and room for CUDA graphs and the allocator's slack."""
+    hidden = model_config.hidden_size
+    inner = getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None) or 4 * hidden
+    element = torch.empty((), dtype=dtype).element_size()
+    per_token = (8 * hidden + 3 * inner) * element
+    logits = cfg.max_batch_rows * model_config.vocab_size * 4 * 6
+    return cfg.max_batch_tokens * per_token + logits + 2**30
 
 
 def _context_len(config) -> int:

@@ -1,8 +1,9 @@
-"""What the engine reports: queue and batch sizes, throughput, latencies, adapter slots.
+"""What the engine reports: queue and batch sizes, throughput, latencies, adapter slots, the KV
+pool, and how much of each step the host spends outside the model.
 
-The engine thread records; `snapshot()` may be called from any thread (it reads under a lock).
-Latency statistics cover the last `window` requests or token gaps, throughput the last
-`window_s` seconds.
+The engine thread records steps, the output side tokens and finished requests; `snapshot()`
+may be called from any thread (it reads under a lock). Latency statistics cover the last
+`window` requests, token gaps or steps, throughput the last `window_s` seconds.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ class EngineMetrics:
         self._ttft: deque[float] = deque(maxlen=window)
         self._itl: deque[float] = deque(maxlen=window)
         self._latency: deque[float] = deque(maxlen=window)
+        self._host_s: deque[float] = deque(maxlen=window)  # step wall time minus the model's
         self.gauges = {
             "queue_length": 0, "running_rows": 0, "prefilling_rows": 0, "decoding_rows": 0,
             "adapters_resident": 0, "adapters_loading": 0, "evictions": 0,
+            "kv_blocks_total": 0, "kv_blocks_free": 0, "prefix_cache_hit_blocks": 0, "preemptions": 0,
         }
         self.counters = {
             "steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
@@ -32,23 +35,26 @@ class EngineMetrics:
 
     # ------------------------------------------------------------------ recording
 
-    def record_step(self, now: float, generated: int, prompt: int, **gauges: int) -> None:
+    def record_step(self, now: float, generated: int, prompt: int, host_s: float | None = None, **gauges: int) -> None:
+        """One step: tokens drawn, prompt tokens computed, and (for steps that ran the model) the
+        time the host spent outside it."""
         with self._lock:
             self.counters["steps"] += 1
             self.counters["generated_tokens"] += generated
             self.counters["prompt_tokens"] += prompt
             self.gauges.update(gauges)
+            if host_s is not None:
+                self._host_s.append(host_s)
             if generated:
                 self._tokens.append((now, generated))
             while self._tokens and self._tokens[0][0] < now - self.window_s:
                 self._tokens.popleft()
 
-    def record_token(self, since_previous_s: float | None, ttft_s: float | None) -> None:
+    def record_tokens(self, ttft_s: list[float], gaps_s: list[float]) -> None:
+        """A step's first-token times and gaps since the previous token."""
         with self._lock:
-            if ttft_s is not None:
-                self._ttft.append(ttft_s)
-            if since_previous_s is not None:
-                self._itl.append(since_previous_s)
+            self._ttft.extend(ttft_s)
+            self._itl.extend(gaps_s)
 
     def record_finish(self, finish_reason: str, latency_s: float) -> None:
         with self._lock:
@@ -63,7 +69,8 @@ class EngineMetrics:
     # ------------------------------------------------------------------ reading
 
     def snapshot(self) -> dict[str, float | int | None]:
-        """Gauges, counters, tokens_per_s, and mean / p50 / p90 of ttft_s, itl_s, latency_s."""
+        """Gauges, counters, tokens_per_s, and mean / p50 / p90 of ttft_s, itl_s, latency_s and
+        host_overhead_s (per step: wall time minus the model's forward and sampling)."""
         with self._lock:
             out: dict[str, float | int | None] = {**self.gauges, **self.counters}
             now = time.monotonic()
@@ -73,7 +80,8 @@ class EngineMetrics:
             out["tokens_per_s"] = sum(n for _, n in recent) / max(span, 1e-3) if len(recent) > 1 else (
                 sum(n for _, n in recent) / self.window_s
             )
-            for name, values in (("ttft_s", self._ttft), ("itl_s", self._itl), ("latency_s", self._latency)):
+            for name, values in (("ttft_s", self._ttft), ("itl_s", self._itl), ("latency_s", self._latency),
+                                 ("host_overhead_s", self._host_s)):
                 out.update(_summary(name, list(values)))
         return out
 

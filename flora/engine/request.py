@@ -180,6 +180,7 @@ class RequestHandle:
         self._done = threading.Event()
         self._cancelled = threading.Event()
         self._output: RequestOutput | None = None
+        self._on_cancel = None  # set by the engine: tells it at once, so it never scans for cancels
 
     @property
     def request_id(self) -> str:
@@ -194,8 +195,15 @@ class RequestHandle:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """Ask the engine to stop this request; it ends with finish_reason "cancelled" (if not done)."""
+        """Ask the engine to stop this request; it ends with finish_reason "cancelled" (if not done).
+
+        The engine takes it out before its next step, so no token is computed for it after that.
+        """
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:

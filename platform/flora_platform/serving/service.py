@@ -149,8 +149,8 @@ class AdapterService:
             cfg.adapters, cfg.registry, tracking_uri=tracking_uri,
             base_names={self.model_name}, check_fits=self.banks.check_fits, base_model=cfg.model.name,
         )
-        self.forwards = ForwardStats(self.banks)
-        self.model.register_forward_pre_hook(self.forwards.observe)
+        self.forwards = ForwardStats()
+        self.banks.routing.observe(self.forwards.observe)
         self.on_record = on_record
         self.capacity = cfg.capacity
         self._io = ThreadPoolExecutor(4, thread_name_prefix="flora-adapters")
@@ -396,26 +396,22 @@ class CompletionService(AdapterService):
 
 
 class ForwardStats:
-    """How many adapters each forward pass mixes: the point of FLoRA, observed on the model."""
+    """How many adapters each forward pass mixes: the point of FLoRA, observed on the adapter routes
+    (one per engine step; one per batch of the transcriber, whose `generate` reuses it per token)."""
 
-    def __init__(self, banks: flora.AdapterBanks):
-        self.banks = banks
+    def __init__(self):
         self._lock = threading.Lock()
         self.forwards = 0
         self.mixed = 0  # forwards whose rows use two or more different slots (base included)
         self.max_adapters = 0  # most distinct adapters (base excluded) in one forward
         self.adapters_total = 0
 
-    def observe(self, module, args) -> None:
-        """Forward pre-hook: reads the slots that `flora.route` set for this forward."""
-        try:
-            slots = self.banks.routing.current().active_slots
-        except RuntimeError:  # a forward outside the engine, without a route
-            return
-        adapters = sum(1 for s in slots if s != flora.BASE_SLOT)
+    def observe(self, route) -> None:
+        """Called with every route the banks are given (`RouteState.observe`)."""
+        adapters = route.plan.adapters
         with self._lock:
             self.forwards += 1
-            self.mixed += len(slots) > 1
+            self.mixed += len(route.active_slots) > 1
             self.max_adapters = max(self.max_adapters, adapters)
             self.adapters_total += adapters
 

@@ -1,8 +1,10 @@
 """Greedy engine outputs equal Hugging Face `generate` run alone on a copy of the base model with
 the request's adapter merged into the weights: rows of 18 adapters of mixed kinds and ranks plus
 the base model in every forward, staggered arrivals, prompts longer than a step's token budget
-(chunked prefill), more adapters than slots (evictions, background loads), and the same prompt
-under different adapters (no KV shared across adapters).
+(chunked prefill), more adapters than slots (evictions, background loads), a KV pool too small
+for everyone (preemption and recompute), and the same prompt under different adapters (no KV
+shared across adapters); through our forward and through Hugging Face's modules, with the
+PyTorch attention and with the Triton kernel over CUDA-graph-style static buffers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from flora.engine import Engine, EngineConfig, Request, SamplingParams
+from flora.kernels import HAS_TRITON
 from tests.flora.engine.reference import (
     ARCHS, EOS, Reference, adapter_zoo, dict_loader, injected, random_prompts, tiny_decoder,
 )
@@ -36,10 +39,16 @@ def run_staggered(engine: Engine, requests: list[Request], arrivals: list[int]):
 
 # "together": slots for all 18 adapters and room for 24 rows, so that 16+ distinct adapters share
 # forwards; "evicting": 7 adapter slots for 18 adapters, 6 rows, a token budget of 20, arrivals
-# spread over 40 steps.
+# spread over 40 steps; "preempting": together, in a pool of 12 blocks of 16 tokens; "hf_modules":
+# together through Hugging Face's forward; "triton_graphs": together with the Triton kernel, decode
+# steps over padded static buffers (in Triton's interpreter on a CPU).
+TOGETHER = dict(max_slots=20, rows=26, tokens=1024, arrive_by=2, min_new=10)
 MODES = {
-    "together": dict(max_slots=20, rows=26, tokens=1024, arrive_by=2, min_new=10),
+    "together": TOGETHER,
     "evicting": dict(max_slots=8, rows=6, tokens=20, arrive_by=40, min_new=1),
+    "preempting": dict(TOGETHER, engine=dict(kv_cache_tokens=192)),
+    "hf_modules": dict(TOGETHER, engine=dict(model_impl="hf")),
+    "triton_graphs": dict(TOGETHER, engine=dict(attention="triton", graphs="static", max_graph_rows=32)),
 }
 
 
@@ -47,6 +56,8 @@ MODES = {
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_equals_merged_generate(arch, mode):
     m = MODES[mode]
+    if m.get("engine", {}).get("attention") == "triton" and not HAS_TRITON:
+        pytest.skip("needs triton")
     base = tiny_decoder(arch)
     model, banks = injected(base, arch, max_slots=m["max_slots"])
     adapters = adapter_zoo(banks, arch, 18)
@@ -71,16 +82,11 @@ def test_greedy_equals_merged_generate(arch, mode):
     arrivals = sorted(rng.randint(0, m["arrive_by"]) for _ in requests)
     arrivals[:4] = [0, 0, 0, 0]
     engine = Engine(
-        model, loader=dict_loader(adapters), config=EngineConfig(max_batch_rows=m["rows"], max_batch_tokens=m["tokens"])
+        model, loader=dict_loader(adapters),
+        config=EngineConfig(max_batch_rows=m["rows"], max_batch_tokens=m["tokens"], **m.get("engine", {})),
     )
     adapters_per_forward = []
-    forward = engine._forward
-
-    def spy(kv, chunks, slots):
-        adapters_per_forward.append(len(set(slots) - {0}))
-        return forward(kv, chunks, slots)
-
-    engine._forward = spy
+    banks.routing.observe(lambda route: adapters_per_forward.append(route.plan.adapters))
 
     outputs = run_staggered(engine, requests, arrivals)
 
@@ -95,11 +101,15 @@ def test_greedy_equals_merged_generate(arch, mode):
     assert len({tuple(e) for e in expected[:4]}) == 4
     # ... and the workload did what it claims.
     metrics = engine.metrics.snapshot()
-    if mode == "together":
-        assert max(adapters_per_forward) >= 16 and metrics["evictions"] == 0
-    else:
+    if mode == "evicting":
         assert metrics["evictions"] >= len(adapters) - 7
         assert max(lengths) > m["tokens"]  # prefilled in chunks
+    elif mode == "preempting":
+        assert metrics["preemptions"] >= 3 and metrics["evictions"] == 0
+    else:
+        assert max(adapters_per_forward) >= 16 and metrics["evictions"] == 0
+    if mode == "triton_graphs":
+        assert len(engine.runner.graphs.graphs) >= 2  # several buckets replayed with padding rows
     assert sum(len(e) < r.max_new_tokens for r, e in zip(requests, expected)) >= 3  # stopped early
     assert metrics["requests_finished"] == len(requests) and metrics["running_rows"] == 0
     engine.close()

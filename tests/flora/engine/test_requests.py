@@ -111,23 +111,24 @@ def test_an_error_in_one_request_fails_only_that_request(setup):
 def test_a_forward_that_fails_on_one_prompt_fails_only_that_request(setup):
     base, model, zoo, ref = setup
     poison = 127
-    forward = model.forward
+    embeddings = model.get_input_embeddings()
+    forward = embeddings.forward
 
-    def fragile_forward(*args, **kwargs):  # a model that cannot digest one token
-        if (kwargs["input_ids"] == poison).any():
+    def fragile_forward(input_ids):  # a model that cannot digest one token
+        if (input_ids == poison).any():
             raise RuntimeError("poisoned input")
-        return forward(*args, **kwargs)
+        return forward(input_ids)
 
     engine = Engine(model, loader=dict_loader(zoo), config=EngineConfig(max_batch_rows=4, max_batch_tokens=64))
     prompts = random_prompts([6, 9, 12, 4], seed=27)
     prompts = [[t % poison for t in p] for p in prompts]  # only the victim holds the poison
     prompts[2][3] = poison
     requests = [Request(p, adapter=a, max_new_tokens=8) for p, a in zip(prompts, [None, *zoo])]
-    model.forward = fragile_forward
+    embeddings.forward = fragile_forward
     try:
-        outputs = engine.generate(requests)  # all four prompts share one prefill forward
+        outputs = engine.generate(requests)  # all four prompts share one forward
     finally:
-        model.forward = forward
+        embeddings.forward = forward
     assert outputs[2].finish_reason == "error" and "poisoned input" in outputs[2].error
     for i in (0, 1, 3):
         assert outputs[i].ok and list(outputs[i].output_ids) == ref.generate(prompts[i], requests[i].adapter, 8)
