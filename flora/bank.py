@@ -46,6 +46,7 @@ class AdapterBanks:
         self._slots[BASE_SLOT] = SlotInfo(BASE_NAME, "base", 0, None)
         self._slot_by_name: dict[str, int] = {}
         self._loads = 0
+        self._plans: dict[tuple[int, ...], RoutePlan] = {}  # by active slots, until a slot changes
         # Per slot, what a forward needs for it in any layer (see `plan`): host arrays, so that a
         # forward's plan is a few vectorised reads whatever the number of slots present.
         self.slot_mul_rank = np.zeros(self.max_slots, dtype=np.int64)
@@ -88,15 +89,22 @@ class AdapterBanks:
 
     def plan(self, active_slots) -> RoutePlan:
         """What a forward over `active_slots` (ints, each loaded) needs from every adapted layer."""
-        active = np.asarray(sorted(set(int(s) for s in active_slots)), dtype=np.int64)
+        active = np.unique(np.asarray(active_slots, dtype=np.int64))
+        key = tuple(active.tolist())
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached
+        if len(self._plans) > 256:
+            self._plans.clear()
         lora = self.slot_lora_rank[active]
-        return RoutePlan(
-            active_slots=tuple(active.tolist()),
+        plan = self._plans[key] = RoutePlan(
+            active_slots=key,
             mul_rank=int(self.slot_mul_rank[active].max(initial=0)),
             lora_rank=int(lora.max(initial=0)),
             lora_slots=tuple(active[lora > 0].tolist()),
             scales_bias=bool(self.slot_scales_bias[active].any()),
         )
+        return plan
 
     def free_slots(self) -> list[int]:
         return [s for s, info in enumerate(self._slots) if info is None]
@@ -139,6 +147,7 @@ class AdapterBanks:
                 layer.clear_slot(slot)
         config = adapter.config
         self._loads += 1
+        self._plans.clear()
         self._slots[slot] = SlotInfo(name, config.kind, config.rank, config, load_id=self._loads)
         self._slot_by_name[name] = slot
         self.slot_mul_rank[slot] = {"flora": config.rank, "ia3": 1}.get(config.kind, 0)
@@ -157,6 +166,7 @@ class AdapterBanks:
         return slot
 
     def _vacate(self, slot: int) -> None:
+        self._plans.clear()
         info = self._slots[slot]
         if info is not None and self._slot_by_name.get(info.name) == slot:
             del self._slot_by_name[info.name]

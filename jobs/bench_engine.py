@@ -24,7 +24,10 @@ round-robin over the methods, so the machine's load hits all alike; medians coun
 agreement with vLLM is reported for the base model and for the LoRA adapters.
 
 Host overhead: decode steps at 256 rows (256 requests, 16-token prompts): per step, wall time
-minus the time in the model's forward and the sampler (`Engine.last_step`); median over steps.
+minus the time in the model's forward and the sampler (`Engine.step_stats`); median over steps.
+Everything else a step does counts: scheduling, inputs, attention metadata, the adapter route,
+bookkeeping, and on a CPU delivering the tokens (streams, stop checks, outputs), which the
+engine thread does itself there.
 
 Many adapters: a bank of 4,096 FLoRA rank-1 slots, 1,024 requests at 256 rows, each on its own
 adapter (1,024 distinct, 256 in every step) against the same requests cycling over 16 adapters.
@@ -269,16 +272,11 @@ def host_overhead(model_dir: Path, rows: int) -> list[dict]:
     flora.inject(model, TARGETS, max_slots=2, max_rank=1, max_lora_rank=0)
     engine = Engine(model, config=EngineConfig(max_batch_rows=rows, max_batch_tokens=16 * rows, eos_token_ids=()))
     gen = torch.Generator().manual_seed(2)
-    for _ in range(rows):
-        engine.add_request(Request(torch.randint(3, 4096, (16,), generator=gen).tolist(), max_new_tokens=48, ignore_eos=True))
-    steps = []
-    while engine.has_work:
-        engine.step()
-        s = engine.last_step
-        if s is not None and s.rows == s.tokens == s.drawn == rows:
-            steps.append(s)
+    outputs = engine.generate([Request(torch.randint(3, 4096, (16,), generator=gen).tolist(), max_new_tokens=48,
+                                       ignore_eos=True) for _ in range(rows)])
+    assert all(o.ok for o in outputs)
     engine.close()
-    steps = steps[3:]  # past the first decode steps (allocator warm-up)
+    steps = [s for s in engine.step_stats if s.rows == s.tokens == s.drawn == rows][3:]  # past allocator warm-up
     host = statistics.median(s.host_s for s in steps) * 1e3
     wall = statistics.median(s.wall_s for s in steps) * 1e3
     print(f"decode steps at {rows} rows: {len(steps)}; step {wall:.2f} ms, host overhead {host:.3f} ms (median)")

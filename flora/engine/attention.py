@@ -72,38 +72,46 @@ class StepAttention:
 class TorchPagedAttention:
     name = "torch"
 
+    def __init__(self):
+        self._workspace: dict[str, torch.Tensor] = {}  # gathered blocks, reused by every step and layer
+
     def prepare(self, layout: AttentionLayout, pool: KVPool, device: torch.device) -> StepAttention:
-        return _TorchStep(layout, pool, device)
+        return _TorchStep(layout, pool, device, self._buffer)
+
+    def _buffer(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A `shape` view of a buffer that only grows (what one step gathers, the next reuses)."""
+        need = 1
+        for n in shape:
+            need *= n
+        buf = self._workspace.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
+            buf = self._workspace[name] = torch.empty(max(need, 1), dtype=dtype, device=device)
+        return buf[:need].view(shape)
 
 
 class _TorchStep(StepAttention):
-    def __init__(self, layout: AttentionLayout, pool: KVPool, device: torch.device):
+    def __init__(self, layout: AttentionLayout, pool: KVPool, device: torch.device, buffer):
         def dev(a, dtype=torch.long):
             return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
 
         super().__init__(pool, dev(layout.write_block), dev(layout.write_offset))
         bs = pool.keys[0].shape[2] if pool.keys else 1
-        self.block_size = bs
         d = layout.num_single
         self.num_single = d
         if d:
             # One (sequence, block) pair per block a single-query sequence reads, with a 0/-inf
             # bias over the block's slots that hold none of its keys (the tail of the last one).
-            lens = layout.seq_lens[:d].astype(np.int64)
+            lens = layout.seq_lens[:d]
             blocks = -(-lens // bs)  # [D]
-            width = int(blocks.max())
-            used = np.arange(width)[None, :] < blocks[:, None]  # [D, width]
-            pair_row = np.repeat(np.arange(d), blocks)  # [P]
-            pair_block = layout.block_tables[:d, :width][used]  # [P]
-            index = np.arange(len(pair_row)) - np.repeat(np.cumsum(blocks) - blocks, blocks)  # block index in its table
-            valid = np.minimum(bs, lens[pair_row] - index * bs)  # [P] keys in the block
-            bias = np.where(np.arange(bs)[None, :] < valid[:, None], 0.0, -np.inf).astype(np.float32)
+            used = np.arange(int(blocks.max()))[None, :] < blocks[:, None]  # [D, width]
+            pair_row, index = np.nonzero(used)  # [P]: the sequence, and the block's index in its table
+            valid = np.minimum(bs, lens[pair_row] - index * bs)  # keys in the block
+            bias = np.where(np.arange(bs)[None, :] < valid[:, None], np.float32(0), np.float32(-np.inf))
             self.pair_row = dev(pair_row)
-            self.pair_block = dev(pair_block)
+            self.pair_block = dev(layout.block_tables[:d, : used.shape[1]][used])
             self.pair_bias = torch.from_numpy(bias).to(device)[:, None, None, :]  # [P, 1, 1, bs]
-            # The gathered blocks of every layer go to the same two buffers: no allocation per layer.
-            shape = (len(pair_row), *pool.keys[0].shape[1:]) if pool.keys else (0,)
-            self.gathered = [torch.empty(shape, dtype=pool.keys[0].dtype, device=device) for _ in range(2)] if pool.keys else []
+            shape = (len(pair_row), *pool.keys[0].shape[1:])
+            self.gathered = [buffer(name, shape, pool.keys[0].dtype, device) for name in ("keys", "values")]
         # Prefill chunks: (first token, queries, keys cached before them, their blocks).
         self.chunks = []
         for s in range(d, len(layout.seq_lens)):

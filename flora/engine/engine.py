@@ -61,14 +61,16 @@ SEED_MASK = (1 << 63) - 1
 
 @dataclass(frozen=True)
 class StepStats:
-    """The last step that ran the model: its wall time, the part in the model's forward and the
-    sampler (`model_s`; the rest is host work), its rows and tokens."""
+    """A step that ran the model: its wall time, the part in the model's forward and the sampler
+    (`model_s`; the rest, `host_s`, is host work: scheduling, inputs, bookkeeping), its rows
+    and tokens, how many tokens it drew, and the keys its attention read (`context_tokens`)."""
 
     wall_s: float
     model_s: float
     rows: int
     tokens: int
     drawn: int
+    context_tokens: int
 
     @property
     def host_s(self) -> float:
@@ -97,6 +99,10 @@ class EngineConfig:
         buffers without capture, on any device: for tests). max_graph_rows: the largest batch
         captured (default: max_batch_rows, at most 256).
     max_model_len: cap on prompt + output tokens (default: the model's context).
+    output_thread: deliver tokens (streams, stop strings, outputs) from a thread of their own
+        while the loop runs in the background: "auto" does so on CUDA, where the device computes
+        while host threads are free; on a CPU the forward already uses every core, so there the
+        engine thread delivers them itself between steps.
     """
 
     max_batch_rows: int = 32
@@ -115,6 +121,7 @@ class EngineConfig:
     graphs: str = "auto"
     max_graph_rows: int | None = None
     max_model_len: int | None = None
+    output_thread: str | bool = "auto"
 
     def __post_init__(self):
         if self.max_batch_rows < 1:
@@ -140,6 +147,8 @@ class EngineConfig:
             raise ValueError(f"cpu_matmul={self.cpu_matmul!r}: choose one of ('auto', 'torch', 'onednn')")
         if self.graphs not in GRAPH_MODES:
             raise ValueError(f"graphs={self.graphs!r}: choose one of {GRAPH_MODES}")
+        if self.output_thread not in ("auto", True, False):
+            raise ValueError(f"output_thread={self.output_thread!r}: choose 'auto', True or False")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len}: must be >= 2")
         if self.eos_token_ids is not None:
@@ -212,7 +221,8 @@ class Engine:
         self.slots = SlotManager(self.banks, loader, load_threads=cfg.load_threads, on_loaded=self._wake.set)
         self.metrics = EngineMetrics()
         self.outputs = OutputProcessor(self.metrics, detokenize, on_stop=self._request_stop)
-        self._output_thread: OutputThread | None = None
+        threaded = cfg.output_thread is True or (cfg.output_thread == "auto" and self.device.type == "cuda")
+        self._output_thread = OutputThread(self.outputs) if threaded else None
         self._inbox: deque[Sequence] = deque()
         self._cancels: deque[Sequence] = deque()
         self._stops: deque[Sequence] = deque()  # ended by the output side (stop string, error)
@@ -222,7 +232,7 @@ class Engine:
         self._runner: threading.Thread | None = None  # the thread in run_forever, if any
         self._stop = threading.Event()
         self._closed = False
-        self.last_step: StepStats | None = None
+        self.step_stats: deque[StepStats] = deque(maxlen=4096)  # the latest steps that ran the model
 
     # ------------------------------------------------------------------ any thread
 
@@ -295,11 +305,8 @@ class Engine:
         return self
 
     def run_forever(self) -> None:
-        """Step whenever there is work, sleep otherwise, until `stop()`; runs on the calling thread.
-
-        Outputs are delivered from a thread of their own meanwhile."""
+        """Step whenever there is work, sleep otherwise, until `stop()`; runs on the calling thread."""
         self._runner = threading.current_thread()
-        self._output_thread = OutputThread(self.outputs)
         try:
             while not self._stop.is_set():
                 try:
@@ -312,9 +319,6 @@ class Engine:
                 if not busy:
                     self._idle()
         finally:
-            with self._step_lock:
-                thread, self._output_thread = self._output_thread, None
-            thread.close()
             self._runner = None
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -332,6 +336,9 @@ class Engine:
         with self._step_lock:
             self._take_inbox()
             self._fail_all("the engine was closed", reason="cancelled")
+            if self._output_thread is not None:
+                self._output_thread.close()  # after delivering everything put before
+                self._output_thread = None
         self.slots.close()
 
     def __enter__(self) -> Engine:
@@ -376,14 +383,17 @@ class Engine:
         if plan is not None:
             busy = True
             prompt_tokens = self.batch.prompt_tokens(plan)
+            context_tokens = int(self.batch.num_computed[plan.rows].sum() + plan.num_tokens)
             generated, model_s = self._run(plan)
         running = self.batch.running
         prefilling = self.scheduler.prefilling
+        stats = None
         if plan is not None:
-            self.last_step = StepStats(time.perf_counter() - started, model_s, len(plan.rows), plan.num_tokens, generated)
+            stats = StepStats(time.perf_counter() - started, model_s, len(plan.rows), plan.num_tokens, generated,
+                              context_tokens)
+            self.step_stats.append(stats)
         self.metrics.record_step(
-            time.monotonic(), generated, prompt_tokens,
-            host_s=None if plan is None else self.last_step.host_s,
+            time.monotonic(), generated, prompt_tokens, host_s=None if stats is None else stats.host_s,
             queue_length=len(self.scheduler.waiting), running_rows=running, prefilling_rows=prefilling,
             decoding_rows=running - prefilling, adapters_resident=len(self.slots.resident),
             adapters_loading=self.slots.loading, evictions=self.slots.evictions,
@@ -400,10 +410,10 @@ class Engine:
         """
         inputs = self.batch.inputs(plan)
         try:
-            started = time.perf_counter()
             logits = self.runner.forward(inputs)
-            sampled = sample(logits, inputs.sampling)
-            model_s = time.perf_counter() - started
+            started = time.perf_counter()
+            sampled = sample(logits, inputs.sampling)  # reads the tokens back: waits for the device
+            model_s = self.runner.compute_s + time.perf_counter() - started
         except Exception as err:  # noqa: BLE001 - fails the rows at fault, not the engine
             if len(plan.rows) > 1:
                 log.warning("a forward of %d rows failed (%r); running them one by one", len(plan.rows), err)

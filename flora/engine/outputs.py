@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flora.engine.metrics import EngineMetrics
-from flora.engine.request import RequestOutput, TokenEvent
+from flora.engine.request import RequestOutput
 from flora.engine.sampling import Sampled
 from flora.engine.scheduler import Sequence
 
@@ -74,41 +74,49 @@ class OutputProcessor:
         now = batch.time_s
         sampled = batch.sampled
         tokens = sampled.tokens.tolist()
-        stopped, length = batch.stopped.tolist(), batch.length.tolist()
-        wants_logprobs = sampled.logprob is not None
+        ended = (batch.stopped | batch.length).tolist()
+        with_logprobs = sampled.logprob is not None
         ttfts, gaps = [], []
-        for i, seq in enumerate(batch.seqs):
+        for i, seq in enumerate(batch.seqs):  # the one loop per row and token: keep it lean
             if seq.done:
                 continue  # ended by a stop string or an error while the engine drew this token
             token = tokens[i]
             try:
-                seq.output.append(token)
-                logprob = top = None
-                if wants_logprobs and seq.request.sampling.logprobs is not None:
-                    k = seq.request.sampling.logprobs
-                    logprob = float(sampled.logprob[i])
-                    top = tuple(zip(sampled.top_ids[i, :k].tolist(), sampled.top_logprobs[i, :k].tolist()))
-                    seq.logprobs.append(logprob)
-                    seq.top_logprobs.append(top)
-                if seq.first_token_s is None:
+                output = seq.output
+                output.append(token)
+                if seq.last_token_s is None:
                     seq.first_token_s = now
                     ttfts.append(now - seq.arrival_s)
                 else:
                     gaps.append(now - seq.last_token_s)
                 seq.last_token_s = now
-                seq.handle._emit(TokenEvent(token, len(seq.output) - 1, logprob, top))
-                if stopped[i]:
-                    self._end(seq, "stop", stop_reason=token)
+                if with_logprobs and seq.request.sampling.logprobs is not None:
+                    event = self._with_logprobs(seq, token, sampled, i)
+                else:
+                    event = (token, len(output) - 1)
+                seq.handle._emit(event)
+                if ended[i]:
+                    if batch.stopped[i]:
+                        self._end(seq, "stop", stop_reason=token)
+                    else:
+                        self._end(seq, "length")
                 elif seq.request.stop_strings and (hit := self._stop_string(seq)) is not None:
                     self._end(seq, "stop", stop_reason=hit)
                     self.on_stop(seq)
-                elif length[i]:
-                    self._end(seq, "length")
             except Exception as err:  # noqa: BLE001 - fails this request, not the others
                 log.warning("request %s failed while processing its token: %r", seq.request.request_id, err)
                 self._end(seq, "error", error=f"processing the output failed: {err!r}")
                 self.on_stop(seq)
         self.metrics.record_tokens(ttfts, gaps)
+
+    @staticmethod
+    def _with_logprobs(seq: Sequence, token: int, sampled: Sampled, i: int) -> tuple:
+        k = seq.request.sampling.logprobs
+        logprob = float(sampled.logprob[i])
+        top = tuple(zip(sampled.top_ids[i, :k].tolist(), sampled.top_logprobs[i, :k].tolist()))
+        seq.logprobs.append(logprob)
+        seq.top_logprobs.append(top)
+        return token, len(seq.output) - 1, logprob, top
 
     def _stop_string(self, seq: Sequence) -> str | None:
         """The first stop string in the decoded output that was not there one token ago."""

@@ -10,10 +10,11 @@ the engine, so it cannot disturb running ones.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -126,9 +127,9 @@ def check_request(request: Request, *, context_len: int, vocab_size: int, can_de
         raise RequestRejected("stop_strings need a detokenizer: build the Engine with detokenize=tokenizer.decode")
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token as it is streamed. logprob / top_logprobs only when asked for."""
+class TokenEvent(NamedTuple):
+    """One generated token as it is streamed. logprob / top_logprobs only when asked for.
+    (A named tuple: one is made per token of every request.)"""
 
     token_id: int
     index: int  # position in the output, from 0
@@ -171,12 +172,16 @@ class RequestHandle:
     Iterating yields `TokenEvent`s as the engine produces them and stops when the request ends
     (the engine must be stepping: `Engine.start()` or another thread calling `step()`); events
     are consumed as they are read, so stream from one consumer. `result()` needs no streaming.
-    Thread-safe: the engine thread writes, any thread reads or cancels.
+    Thread-safe: the engine side writes, any thread reads or cancels. Emitting an event is a
+    deque append of a plain tuple (the `TokenEvent` is made by the reader); the lock is taken
+    only to wake a consumer that waits.
     """
 
     def __init__(self, request: Request):
         self.request = request
-        self._events: queue.Queue = queue.Queue()
+        self._events: deque = deque()
+        self._ready = threading.Condition()
+        self._waiting = False  # a consumer waits on `_ready` for the next event
         self._done = threading.Event()
         self._cancelled = threading.Event()
         self._output: RequestOutput | None = None
@@ -207,11 +212,20 @@ class RequestHandle:
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
-            event = self._events.get()
+            try:
+                event = self._events.popleft()
+            except IndexError:
+                with self._ready:
+                    # Set before looking again: an emit after the look sees it and wakes us.
+                    self._waiting = True
+                    while not self._events:
+                        self._ready.wait()
+                    self._waiting = False
+                continue
             if event is _END:
-                self._events.put(_END)  # later iterations end at once too
+                self._events.appendleft(_END)  # later iterations end at once too
                 return
-            yield event
+            yield TokenEvent(*event)
 
     def result(self, timeout_s: float | None = None) -> RequestOutput:
         """Block until the request ends; raise TimeoutError after `timeout_s`."""
@@ -222,10 +236,14 @@ class RequestHandle:
 
     # ------------------------------------------------------------------ engine side
 
-    def _emit(self, event: TokenEvent) -> None:
-        self._events.put(event)
+    def _emit(self, event: tuple) -> None:
+        """`event`: the fields of a `TokenEvent`, (token_id, index[, logprob, top_logprobs])."""
+        self._events.append(event)
+        if self._waiting:
+            with self._ready:
+                self._ready.notify()
 
     def _finish(self, output: RequestOutput) -> None:
         self._output = output
         self._done.set()
-        self._events.put(_END)
+        self._emit(_END)

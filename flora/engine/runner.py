@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,7 @@ class ModelRunner:
         self.attention = attention
         self.device = device
         self.linear = linear  # adapted layers' base matmuls (`Route.linear`)
+        self.compute_s = 0.0  # the last forward's time in the model itself (no input preparation)
         capture = graphs == "auto" and device.type == "cuda"
         self.graphs = None
         if (capture or graphs == "static") and max_graph_rows > 0:
@@ -86,16 +88,18 @@ class ModelRunner:
         attention = self.attention.prepare(inputs.layout, self.pool, self.device)
         ids = _dev(inputs.input_ids, self.device)
         positions = _dev(inputs.positions, self.device)
+        keep = None if len(inputs.logits_index) == inputs.num_tokens else _dev(inputs.logits_index, self.device)
         with self._routed(_dev(inputs.token_slots, self.device), plan, inputs.token_slots):
+            started = time.perf_counter()
             hidden = self.decoder.forward(ids, positions, attention)  # [T, hidden]
-            if len(inputs.logits_index) != inputs.num_tokens:
-                hidden = hidden.index_select(0, _dev(inputs.logits_index, self.device))
-            return self.decoder.logits(hidden)  # [N, V]
+            logits = self.decoder.logits(hidden if keep is None else hidden.index_select(0, keep))  # [N, V]
+            self.compute_s = time.perf_counter() - started
+            return logits
 
     def _plan(self, token_slots: np.ndarray) -> RoutePlan | None:
         if self.banks is None:
             return None
-        return self.banks.plan(np.unique(token_slots))
+        return self.banks.plan(token_slots)  # cached by the banks while nothing loads
 
     def _graphable(self, plan: RoutePlan | None) -> bool:
         return plan is None or plan.lora_rank == 0 or self._lora_graphable
@@ -192,7 +196,10 @@ class DecodeGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._build(b, plan)
-        graph.run()
+        started = time.perf_counter()
+        with self.runner._routed(self.slots[:b], plan):  # a replay runs no Python: route observers hear of it here
+            graph.run()
+        self.runner.compute_s = time.perf_counter() - started
         return graph.logits[:n]
 
     def _build(self, b: int, plan: RoutePlan | None) -> _Graph:

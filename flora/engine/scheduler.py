@@ -47,7 +47,7 @@ class Admission(enum.Enum):
     FAILED = "failed"  # the request was failed (e.g. its adapter cannot be loaded): drop it
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     """One request inside the engine.
 
@@ -124,11 +124,14 @@ class Scheduler:
         """This step's rows and token counts (None: nothing to compute)."""
         b = self.batch
         running = b.running_rows()
-        left = b.num_tokens[running] - b.num_computed[running]
-        decode = self._fit(running[left == 1], np.ones(int((left == 1).sum()), dtype=np.int64))
+        decoding = b.num_tokens[running] - b.num_computed[running] == 1
+        decode = self._fit(running[decoding], np.ones(int(decoding.sum()), dtype=np.int64))
+        prefilling = running[~decoding]
+        if not len(prefilling) and not self.waiting:  # the steady state: every row decodes
+            return StepPlan(decode, np.ones(len(decode), dtype=np.int64), len(decode)) if len(decode) else None
         budget = self.max_batch_tokens - len(decode)
         rows, counts = [decode], [np.ones(len(decode), dtype=np.int64)]
-        for row in running[left > 1]:  # prefilling, oldest first
+        for row in prefilling:  # oldest first
             if budget <= 0 or not b.active[row]:
                 continue
             n = min(int(b.num_tokens[row] - b.num_computed[row]), budget)

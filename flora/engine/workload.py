@@ -1,4 +1,5 @@
-"""A ShareGPT-like request workload for benchmarks: prompt and output lengths, no download.
+"""Benchmark workloads without downloads: ShareGPT-like request lengths, Poisson arrivals, and
+the paper's model shapes with random weights.
 
 The vLLM throughput benchmark samples ShareGPT conversations: long-tailed lengths with means of
 about 161 prompt and 338 output tokens (vLLM paper, LLaMA tokenizer), filtered to prompts of
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, LlamaConfig, LlamaForCausalLM
 
 PROMPT_MEAN, PROMPT_SIGMA = 161, 1.0
 OUTPUT_MEAN, OUTPUT_SIGMA = 338, 0.8
@@ -57,3 +59,41 @@ def poisson_arrivals(n: int, rate_per_s: float, *, seed: int = 0) -> list[float]
     gen = torch.Generator().manual_seed(seed)
     gaps = torch.empty(n).exponential_(rate_per_s, generator=gen)
     return torch.cumsum(gaps, 0).tolist()
+
+
+# Published configs: (architecture, width, heads, kv heads, layers, feed-forward width, vocabulary).
+MODELS = {
+    "starcoder-1b": ("gpt_bigcode", 2048, 16, 1, 24, 8192, 49152),
+    "starcoder-3b": ("gpt_bigcode", 2816, 22, 1, 36, 11264, 49152),
+    "starcoder-15b": ("gpt_bigcode", 6144, 48, 1, 40, 24576, 49152),
+    "llama-2-7b": ("llama", 4096, 32, 32, 32, 11008, 32000),
+    "llama-2-13b": ("llama", 5120, 40, 40, 40, 13824, 32000),
+}
+
+
+def build_model(name: str, shrink: int, device: torch.device, dtype: torch.dtype, seed: int):
+    """The model `name` from its published config divided by `shrink`, random weights."""
+    arch, width, heads, kv_heads, layers, ffn, vocab = MODELS[name]
+    heads_k = max(1, heads // shrink)
+    width_k = width if shrink == 1 else max(32 * heads_k, width // shrink // heads_k * heads_k)
+    kv_k = heads_k if kv_heads == heads else max(1, kv_heads // shrink)
+    layers_k, ffn_k, vocab_k = max(2, layers // shrink), max(64, ffn // shrink), max(256, vocab // shrink)
+    torch.manual_seed(seed)
+    if arch == "gpt_bigcode":
+        config = GPTBigCodeConfig(
+            vocab_size=vocab_k, n_positions=2048, n_embd=width_k, n_layer=layers_k, n_head=heads_k,
+            n_inner=ffn_k, multi_query=kv_k == 1, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        )
+        cls = GPTBigCodeForCausalLM
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab_k, hidden_size=width_k, intermediate_size=ffn_k, num_hidden_layers=layers_k,
+            num_attention_heads=heads_k, num_key_value_heads=kv_k, max_position_embeddings=2048,
+            bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        )
+        cls = LlamaForCausalLM
+    with torch.device(device):
+        model = cls(config).to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
