@@ -15,6 +15,8 @@ output length (greedy, end-of-sequence ignored), request i on adapter i % 16:
     ours_base      our engine, every row on the base model (the injected model, slot 0)
     ours_flora_r1  our engine, 16 FLoRA rank-1 adapters mixed in every batch
     ours_lora_r8   our engine, 16 LoRA rank-8 adapters mixed
+    ours_base_hf   ours_base through Hugging Face's modules with our paged attention (model_impl="hf")
+    ours_base_mkl  ours_base with PyTorch's own CPU matmuls (MKL) instead of oneDNN's (cpu_matmul="torch")
     vllm_base      vLLM, no adapter
     vllm_lora_r8   vLLM, the same 16 LoRA adapters (enable_lora, max_loras=16)
 Both engines get the same row limit (`--rows`, vLLM's max_num_seqs), token budget (`--tokens`,
@@ -60,7 +62,7 @@ from flora.engine import DirectoryLoader, Engine, EngineConfig, Request  # noqa:
 from flora.engine.workload import sharegpt_like_lengths  # noqa: E402
 
 ADAPTERS = 16
-METHODS = ("ours_base", "ours_flora_r1", "ours_lora_r8", "vllm_base", "vllm_lora_r8")
+METHODS = ("ours_base", "ours_flora_r1", "ours_lora_r8", "ours_base_hf", "ours_base_mkl", "vllm_base", "vllm_lora_r8")
 TARGETS = ["q_proj", "k_proj"]
 CSV_COLUMNS = ["section", "name", "value", "unit", "detail"]
 
@@ -172,15 +174,18 @@ def throughput(args, model_dir, flora_dirs, lora_dirs, vllm_python, threads) -> 
     lora_names = [d.name for d in lora_dirs]
     model = load_model(model_dir)
     flora.inject(model, TARGETS, max_slots=2 * ADAPTERS + 1, max_rank=1, max_lora_rank=8)
-    config = EngineConfig(max_batch_rows=args.rows, max_batch_tokens=args.tokens, eos_token_ids=())
-    engine = Engine(model, loader=DirectoryLoader(model_dir.parent), config=config)
+    engines = {
+        variant: Engine(model, loader=DirectoryLoader(model_dir.parent), config=EngineConfig(
+            max_batch_rows=args.rows, max_batch_tokens=args.tokens, eos_token_ids=(), **extra))
+        for variant, extra in (("native", {}), ("hf", {"model_impl": "hf"}), ("mkl", {"cpu_matmul": "torch"}))
+    }
     peer = VLLMPeer(vllm_python, model_dir, lora_dirs, args, threads) if vllm_python else None
 
-    def ours(names):
+    def ours(names, variant="native"):
         adapters = [names[i % ADAPTERS] if names else None for i in range(len(prompts))]
         start = time.perf_counter()
-        results = engine.generate([Request(p, adapter=a, max_new_tokens=o, ignore_eos=True)
-                                   for p, a, o in zip(prompts, adapters, outputs)])
+        results = engines[variant].generate([Request(p, adapter=a, max_new_tokens=o, ignore_eos=True)
+                                             for p, a, o in zip(prompts, adapters, outputs)])
         wall = time.perf_counter() - start
         assert all(r.ok and len(r.output_ids) == o for r, o in zip(results, outputs)), [r.error for r in results]
         return wall, [list(r.output_ids) for r in results]
@@ -189,6 +194,8 @@ def throughput(args, model_dir, flora_dirs, lora_dirs, vllm_python, threads) -> 
         "ours_base": lambda: ours(None),
         "ours_flora_r1": lambda: ours(flora_names),
         "ours_lora_r8": lambda: ours(lora_names),
+        "ours_base_hf": lambda: ours(None, "hf"),
+        "ours_base_mkl": lambda: ours(None, "mkl"),
     }
     if peer is not None:
         runs["vllm_base"] = lambda: peer.generate(prompts, outputs, None)
@@ -204,7 +211,8 @@ def throughput(args, model_dir, flora_dirs, lora_dirs, vllm_python, threads) -> 
                 walls[method].append(wall)
                 print(f"{method:>14} #{repeat}: {sum(outputs) / wall:8.1f} tokens/s  wall {wall:6.2f} s", flush=True)
     finally:
-        engine.close()
+        for engine in engines.values():
+            engine.close()
         if peer is not None:
             peer.close()
     out = []
@@ -215,10 +223,12 @@ def throughput(args, model_dir, flora_dirs, lora_dirs, vllm_python, threads) -> 
                        f"median of {len(w)}: " + " ".join(f"{sum(outputs) / x:.0f}" for x in w)))
     for a, b, target in (("ours_base", "vllm_base", 1.0), ("ours_flora_r1", "ours_base", 0.95),
                          ("ours_flora_r1", "vllm_lora_r8", 2.0), ("ours_lora_r8", "vllm_lora_r8", None),
-                         ("ours_lora_r8", "ours_base", None), ("vllm_lora_r8", "vllm_base", None)):
+                         ("ours_lora_r8", "ours_base", None), ("vllm_lora_r8", "vllm_base", None),
+                         ("ours_base_hf", "ours_base", None), ("ours_base_mkl", "ours_base", None)):
         if a in tps and b in tps:
             out.append(ratio_row(f"{a} / {b}", tps[a] / tps[b], target))
-    for a, b in (("ours_base", "vllm_base"), ("ours_lora_r8", "vllm_lora_r8")):
+    for a, b in (("ours_base", "vllm_base"), ("ours_lora_r8", "vllm_lora_r8"), ("ours_base_hf", "ours_base"),
+                 ("ours_base_mkl", "ours_base")):
         if a in tokens and b in tokens:
             same = sum(x == y for xs, ys in zip(tokens[a], tokens[b]) for x, y in zip(xs, ys))
             total = sum(len(xs) for xs in tokens[a])
@@ -353,7 +363,8 @@ def write_results(out: Path, rows: list[dict], threads: int) -> None:
     titles = {"throughput": "output tokens/s, same requests and weights", "adapters": "FLoRA r1: distinct adapters in flight",
               "host": "decode step, ms"}
     for ax, (section, rs) in zip(axes[0], panels):
-        colors = ["tab:orange" if r["name"].startswith("vllm") else "tab:blue" for r in rs]
+        colors = ["tab:orange" if r["name"].startswith("vllm") else "tab:gray" if r["name"].endswith(("_hf", "_mkl"))
+                  else "tab:blue" for r in rs]
         ax.bar([r["name"].split(" (")[0] for r in rs], [r["value"] for r in rs], color=colors)
         ax.set_title(titles[section])
         ax.tick_params(axis="x", labelrotation=20)

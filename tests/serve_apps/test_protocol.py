@@ -102,6 +102,10 @@ def test_streamed_text_adds_up_to_the_full_decode_cut_at_stop(tokenizer, stop):
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"^engine\.max_batch_tokens"):
         parse_args({"engine": {"max_batch_rows": 8, "max_batch_tokens": 4}})
+    with pytest.raises(ConfigError, match=r"^engine\.block_size: must be a power of two"):
+        parse_args({"engine": {"block_size": 24}})
+    with pytest.raises(ConfigError, match=r"^engine\.kv_memory_fraction"):
+        parse_args({"engine": {"kv_memory_fraction": 1.5}})
     with pytest.raises(ConfigError, match=r"^model\.max_slots"):
         parse_args({"model.max_slots": "1"})  # a `serve run ... model.max_slots=1` argument
     with pytest.raises(ConfigError, match=r"^limits\.max_tokns"):

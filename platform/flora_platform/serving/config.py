@@ -77,14 +77,28 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """The continuous-batching engine of each replica (see `flora.engine.EngineConfig`)."""
+    """The continuous-batching engine of each replica (see `flora.engine.EngineConfig`).
+
+    block_size: tokens per KV block. kv_cache_tokens: the KV pool's size in tokens (0 = sized
+    from free memory: `kv_memory_fraction` of it on a GPU). prefix_caching: reuse the KV blocks
+    of a prompt prefix seen before under the same adapter.
+    """
 
     max_batch_rows: int = 16
     max_batch_tokens: int = 512
     load_threads: int = 2
+    block_size: int = 16
+    kv_cache_tokens: int = 0
+    kv_memory_fraction: float = 0.9
+    prefix_caching: bool = True
 
     def __post_init__(self):
-        _at_least("engine", self, ("max_batch_rows", "load_threads"), 1)
+        _at_least("engine", self, ("max_batch_rows", "load_threads", "block_size"), 1)
+        _at_least("engine", self, ("kv_cache_tokens",), 0)
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError("engine.block_size", f"must be a power of two, got {self.block_size}")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ConfigError("engine.kv_memory_fraction", f"must be in (0, 1], got {self.kv_memory_fraction}")
         if self.max_batch_tokens < self.max_batch_rows:
             raise ConfigError(
                 "engine.max_batch_tokens",

@@ -261,10 +261,15 @@ class CompletionService(AdapterService):
         e = cfg.engine
         self.engine = Engine(
             self.model, loader=self.sources, detokenize=self.decode,
-            config=EngineConfig(max_batch_rows=e.max_batch_rows, max_batch_tokens=e.max_batch_tokens, load_threads=e.load_threads),
+            config=EngineConfig(
+                max_batch_rows=e.max_batch_rows, max_batch_tokens=e.max_batch_tokens, load_threads=e.load_threads,
+                block_size=e.block_size, kv_cache_tokens=e.kv_cache_tokens or None,
+                kv_memory_fraction=e.kv_memory_fraction, prefix_caching=e.prefix_caching,
+            ),
         )
         self.context_len = self.engine.context_len
-        self.max_prompt_tokens = cfg.limits.max_prompt_tokens or self.context_len - 1
+        # The longest prompt the KV pool can take (the context, unless the pool is smaller).
+        self.max_prompt_tokens = cfg.limits.max_prompt_tokens or self.engine.max_seq_len - 1
         self._pumps = ThreadPoolExecutor(self.capacity + 8, thread_name_prefix="flora-stream")
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self.engine.run_forever, name="flora-engine", daemon=True)
