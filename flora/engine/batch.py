@@ -48,6 +48,8 @@ class StepInputs:
     logits_index: np.ndarray  # [N] the token whose hidden state gives each drawing row's logits
     sample_rows: np.ndarray  # [N] batch rows that draw a token
     sampling: SamplingBatch
+    prompt_tokens: int  # of the T tokens, how many are prompt tokens
+    context_tokens: int  # keys the step's attention reads (Σ over rows of their length after it)
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +87,9 @@ class BatchState:
         self.seed = np.zeros(rows, dtype=np.int64)
         self.logprobs = np.full(rows, -1, dtype=np.int64)
         self.stop_ids = np.full((rows, 1), -1, dtype=np.int64)  # padded with -1
+        self._arange = np.arange(rows + 1, dtype=np.int64)  # query starts of a step of one token per row
+        self.arrival_s = np.zeros(rows)  # when the request arrived (time.monotonic)
+        self.last_token_s = np.full(rows, np.nan)  # when the row last drew a token; nan: never
 
     # ------------------------------------------------------------------ rows
 
@@ -125,10 +130,13 @@ class BatchState:
             self.stop_ids = wider
         self.stop_ids[row] = -1
         self.stop_ids[row, : len(stops)] = stops
+        self.arrival_s[row] = seq.arrival_s
+        self.last_token_s[row] = seq.last_drawn_s
         return row
 
     def remove(self, row: int) -> tuple[list[int], list[int]]:
         """Free `row`; returns its tokens and its blocks (for the caller to release)."""
+        self.seqs[row].last_drawn_s = float(self.last_token_s[row])
         tokens = self.token_ids[row, : self.num_tokens[row]].tolist()
         blocks = self.blocks(row)
         self.seqs[row] = None
@@ -160,12 +168,16 @@ class BatchState:
     def inputs(self, plan: StepPlan) -> StepInputs:
         """The packed model inputs of `plan` (vectorised over its rows)."""
         rows, counts, bs = plan.rows, plan.counts, self.block_size
+        n = len(rows)
         starts = self.num_computed[rows]  # [S] first position computed
-        cu = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(counts, out=cu[1:])
-        total = int(cu[-1])
-        token_row = np.repeat(rows, counts)  # [T]
-        positions = np.repeat(starts - cu[:-1], counts) + np.arange(total)
+        if plan.num_single == n:  # one token per row (decode steps): tokens are rows
+            cu = self._arange[: n + 1]
+            token_row, positions = rows, starts
+        else:
+            cu = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(counts, out=cu[1:])
+            token_row = np.repeat(rows, counts)  # [T]
+            positions = np.repeat(starts - cu[:-1], counts) + np.arange(cu[-1])
         seq_lens = starts + counts
         width = int(-(-seq_lens.max() // bs))
         layout = AttentionLayout(
@@ -175,6 +187,7 @@ class BatchState:
         )
         draws = seq_lens == self.num_tokens[rows]  # the chunk reaches the row's last token
         sample_rows = rows[draws]
+        prompt = np.minimum(self.num_prompt[rows], seq_lens) - starts
         return StepInputs(
             input_ids=self.token_ids[token_row, positions],
             positions=positions,
@@ -182,29 +195,45 @@ class BatchState:
             layout=layout,
             logits_index=cu[1:][draws] - 1,
             sample_rows=sample_rows,
-            sampling=SamplingBatch(
-                greedy=self.greedy[sample_rows], temperature=self.temperature[sample_rows],
-                top_k=self.top_k[sample_rows], top_p=self.top_p[sample_rows], seed=self.seed[sample_rows],
-                draw=self.num_tokens[sample_rows] - self.num_prompt[sample_rows],
-                logprobs=self.logprobs[sample_rows],
-            ),
+            sampling=self._sampling(sample_rows),
+            prompt_tokens=int(prompt[prompt > 0].sum()),
+            context_tokens=int(seq_lens.sum()),
         )
 
-    def prompt_tokens(self, plan: StepPlan) -> int:
-        """How many of the plan's tokens are prompt tokens (before `advance` records the plan)."""
-        before = self.num_computed[plan.rows]
-        return int(np.clip(np.minimum(self.num_prompt[plan.rows], before + plan.counts) - before, 0, None).sum())
+    def _sampling(self, rows: np.ndarray) -> SamplingBatch:
+        greedy = self.greedy[rows]
+        if greedy.all():  # nothing to draw at random: the sampler reads no other parameter
+            return SamplingBatch(greedy=greedy, logprobs=self.logprobs[rows])
+        return SamplingBatch(
+            greedy=greedy, logprobs=self.logprobs[rows], temperature=self.temperature[rows], top_k=self.top_k[rows],
+            top_p=self.top_p[rows], seed=self.seed[rows], draw=self.num_tokens[rows] - self.num_prompt[rows],
+        )
 
-    def advance(self, plan: StepPlan, sample_rows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Record a step: the plan's tokens are computed, each drawing row gets its token.
-
-        Returns, per drawing row, whether it stopped on a stop token and whether it reached its
-        length (max_new_tokens, the context, or the pool's capacity set in `max_total`).
-        """
+    def advance(self, plan: StepPlan, sample_rows: np.ndarray, tokens: np.ndarray, now: float) -> Advanced:
+        """Record a step that ended at `now`: the plan's tokens are computed, each drawing row
+        gets its token. Returns which rows stopped and the latencies the step completes."""
         self.num_computed[plan.rows] += plan.counts
         at = self.num_tokens[sample_rows]
         self.token_ids[sample_rows, at] = tokens
         self.num_tokens[sample_rows] = at + 1
-        stopped = (self.stop_ids[sample_rows] == tokens[:, None]).any(axis=1)
-        length = self.num_tokens[sample_rows] >= self.max_total[sample_rows]
-        return stopped, length
+        last = self.last_token_s[sample_rows]
+        first = np.isnan(last)
+        self.last_token_s[sample_rows] = now
+        return Advanced(
+            stopped=(self.stop_ids[sample_rows] == tokens[:, None]).any(axis=1),
+            length=self.num_tokens[sample_rows] >= self.max_total[sample_rows],
+            ttft_s=now - self.arrival_s[sample_rows[first]],
+            gaps_s=now - last[~first],
+        )
+
+
+@dataclass
+class Advanced:
+    """What one step's drawn tokens did, per drawing row: stopped on a stop token, reached its
+    length (max_new_tokens, the context, or what the pool holds: `max_total`); and the times
+    from arrival to first token and between tokens that the step completes."""
+
+    stopped: np.ndarray
+    length: np.ndarray
+    ttft_s: np.ndarray
+    gaps_s: np.ndarray

@@ -382,9 +382,7 @@ class Engine:
         model_s = None
         if plan is not None:
             busy = True
-            prompt_tokens = self.batch.prompt_tokens(plan)
-            context_tokens = int(self.batch.num_computed[plan.rows].sum() + plan.num_tokens)
-            generated, model_s = self._run(plan)
+            generated, prompt_tokens, context_tokens, model_s = self._run(plan)
         running = self.batch.running
         prefilling = self.scheduler.prefilling
         stats = None
@@ -402,8 +400,9 @@ class Engine:
         )
         return busy
 
-    def _run(self, plan: StepPlan) -> tuple[int, float]:
-        """Forward and draw for `plan`; returns (tokens drawn, seconds in the model and sampler).
+    def _run(self, plan: StepPlan) -> tuple[int, int, int, float]:
+        """Forward and draw for `plan`; returns tokens drawn, prompt tokens computed, keys read,
+        and seconds in the model and the sampler.
 
         A failure reruns the plan's rows one by one, so that only the rows that fail alone fail
         (nothing is recorded for a failed forward: keys it wrote lie past what the rows computed).
@@ -418,18 +417,20 @@ class Engine:
             if len(plan.rows) > 1:
                 log.warning("a forward of %d rows failed (%r); running them one by one", len(plan.rows), err)
                 results = [self._run(plan.subset([i])) for i in range(len(plan.rows)) if self.batch.active[plan.rows[i]]]
-                return sum(g for g, _ in results), sum(s for _, s in results)
+                return tuple(sum(r[k] for r in results) for k in range(4))
             seq = self.batch.seqs[int(plan.rows[0])]
             log.exception("forward failed for request %s", seq.request.request_id)
             self._end(seq, "error", f"forward failed: {err!r}")
-            return 0, 0.0
-        stopped, length = self.batch.advance(plan, inputs.sample_rows, sampled.tokens)
+            return 0, 0, 0, 0.0
+        now = time.monotonic()
+        done = self.batch.advance(plan, inputs.sample_rows, sampled.tokens, now)
+        self.metrics.record_tokens(done.ttft_s.tolist(), done.gaps_s.tolist())
         self.scheduler.register_full_blocks(plan)
         seqs = [self.batch.seqs[r] for r in inputs.sample_rows.tolist()]
-        for i in (stopped | length).nonzero()[0].tolist():
+        for i in (done.stopped | done.length).nonzero()[0].tolist():
             self.scheduler.finish(seqs[i])
-        self._deliver(TokenBatch(seqs, sampled, stopped, length, time.monotonic()))
-        return len(seqs), model_s
+        self._deliver(TokenBatch(seqs, sampled, done.stopped, done.length, now))
+        return len(seqs), inputs.prompt_tokens, inputs.context_tokens, model_s
 
     def _deliver(self, item) -> None:
         if self._output_thread is not None:

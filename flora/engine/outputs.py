@@ -2,7 +2,7 @@
 
 The engine thread hands over each step's drawn tokens in one `TokenBatch` (arrays, plus the
 sequences they belong to) and the end of any request that stops without a token (`Ended`:
-cancelled, failed). `OutputProcessor.process` turns these into each caller's stream of
+cancelled, failed); it records token latencies itself, vectorised over the batch. `OutputProcessor.process` turns these into each caller's stream of
 `TokenEvent`s and its final `RequestOutput`: the only Python per row and token, kept off the
 engine thread. With a background engine loop it runs on its own thread (`OutputThread`); when
 the caller steps the engine itself it runs inline, so that a step's events are out when `step()`
@@ -76,7 +76,6 @@ class OutputProcessor:
         tokens = sampled.tokens.tolist()
         ended = (batch.stopped | batch.length).tolist()
         with_logprobs = sampled.logprob is not None
-        ttfts, gaps = [], []
         for i, seq in enumerate(batch.seqs):  # the one loop per row and token: keep it lean
             if seq.done:
                 continue  # ended by a stop string or an error while the engine drew this token
@@ -84,22 +83,14 @@ class OutputProcessor:
             try:
                 output = seq.output
                 output.append(token)
-                if seq.last_token_s is None:
+                if seq.first_token_s is None:
                     seq.first_token_s = now
-                    ttfts.append(now - seq.arrival_s)
-                else:
-                    gaps.append(now - seq.last_token_s)
-                seq.last_token_s = now
                 if with_logprobs and seq.request.sampling.logprobs is not None:
-                    event = self._with_logprobs(seq, token, sampled, i)
+                    seq.handle._emit(self._with_logprobs(seq, token, sampled, i))
                 else:
-                    event = (token, len(output) - 1)
-                seq.handle._emit(event)
+                    seq.handle._emit((token, len(output) - 1))
                 if ended[i]:
-                    if batch.stopped[i]:
-                        self._end(seq, "stop", stop_reason=token)
-                    else:
-                        self._end(seq, "length")
+                    self._end(seq, "stop", stop_reason=token) if batch.stopped[i] else self._end(seq, "length")
                 elif seq.request.stop_strings and (hit := self._stop_string(seq)) is not None:
                     self._end(seq, "stop", stop_reason=hit)
                     self.on_stop(seq)
@@ -107,7 +98,6 @@ class OutputProcessor:
                 log.warning("request %s failed while processing its token: %r", seq.request.request_id, err)
                 self._end(seq, "error", error=f"processing the output failed: {err!r}")
                 self.on_stop(seq)
-        self.metrics.record_tokens(ttfts, gaps)
 
     @staticmethod
     def _with_logprobs(seq: Sequence, token: int, sampled: Sampled, i: int) -> tuple:

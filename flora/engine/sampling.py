@@ -24,18 +24,19 @@ _M32 = 0xFFFFFFFF
 class SamplingBatch:
     """The sampling parameters of the rows that draw a token this step (host arrays, one per row).
 
-    greedy [N] bool; temperature [N] (ignored where greedy); top_k [N] (0 = off); top_p [N]
+    greedy [N] bool; logprobs [N]: -1 = none, else the number of alternatives wanted. Unless
+    every row is greedy: temperature [N] (ignored where greedy); top_k [N] (0 = off); top_p [N]
     (1 = off); seed [N] (0 <= seed < 2**63); draw [N]: index of the token being drawn in its
-    request's output; logprobs [N]: -1 = none, else the number of alternatives wanted.
+    request's output.
     """
 
     greedy: np.ndarray
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    seed: np.ndarray
-    draw: np.ndarray
     logprobs: np.ndarray
+    temperature: np.ndarray | None = None
+    top_k: np.ndarray | None = None
+    top_p: np.ndarray | None = None
+    seed: np.ndarray | None = None
+    draw: np.ndarray | None = None
 
     @property
     def all_greedy(self) -> bool:

@@ -70,13 +70,13 @@ class Sequence:
     digests: list[bytes] = field(default_factory=list)  # of its full blocks, under `digest_key`
     digest_key: int | None = None
     preemptions: int = 0
+    last_drawn_s: float = float("nan")  # when it last drew a token, kept across a preemption
     # output side
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     text_checked: int = 0  # characters of decoded output already searched for stop strings
     first_token_s: float | None = None
-    last_token_s: float | None = None
     done: bool = False  # its RequestOutput was delivered
 
     def __repr__(self) -> str:

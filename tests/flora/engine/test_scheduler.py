@@ -58,9 +58,9 @@ class Harness:
             return None
         inputs = self.batch.inputs(plan)
         tokens = np.full(len(inputs.sample_rows), 7)
-        stopped, length = self.batch.advance(plan, inputs.sample_rows, tokens)
+        done = self.batch.advance(plan, inputs.sample_rows, tokens, now=0.0)
         self.scheduler.register_full_blocks(plan)
-        for row in inputs.sample_rows[length]:
+        for row in inputs.sample_rows[done.length]:
             self.scheduler.finish(self.batch.seqs[row])
         return [(self.batch.seqs[r] if self.batch.seqs[r] else None, int(n)) for r, n in zip(plan.rows, plan.counts)], plan
 
