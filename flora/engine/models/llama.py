@@ -6,8 +6,10 @@ Per layer, as `LlamaDecoderLayer` computes it for one sequence:
     h = h + o_proj(paged_attention(q, k, v))
     x = post_attention_layernorm(h); h = h + down_proj(act(gate_proj(x)) * up_proj(x))
 The rotary table is computed once, for every position, by the model's own rotary module (so any
-rope scaling it implements applies), and looked up by each token's position. Linear layers run
-through `Linears` (plain ones reading the same input may share one matmul).
+rope scaling it implements applies), and looked up by each token's position. Hugging Face's
+`rotate_half(x) * sin` is computed as `x.roll(D/2) * sin_signed` (the first half of sin
+negated): the same products, one op less. Linear layers run through `Linears` (plain ones
+reading the same input may share one matmul).
 """
 
 from __future__ import annotations
@@ -17,11 +19,6 @@ import torch
 from flora.engine.models.linear import Linears
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class LlamaDecoder:
@@ -53,18 +50,20 @@ class LlamaDecoder:
         with torch.no_grad():
             positions = torch.arange(context, device=weight.device)[None]
             cos, sin = core.rotary_emb(weight[:1].unsqueeze(0), positions)  # [1, context, D] in the model's dtype
-        self.cos, self.sin = cos[0], sin[0]
+            half = self.head_dim // 2
+            self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
         t, d = input_ids.shape[0], self.head_dim
+        half = d // 2
         h = self.embed(input_ids)  # [T, hidden]
         cos = self.cos.index_select(0, positions).unsqueeze(1)  # [T, 1, D]
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         for i, (norm1, qkv, scaling, o_proj, norm2, gate_up, act, down) in enumerate(self.layers):
             q, k, v = qkv(norm1(h))
             q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)  # [T, H, D], [T, Hkv, D]
-            q = (q * cos) + (rotate_half(q) * sin)
-            k = (k * cos) + (rotate_half(k) * sin)
+            q = (q * cos) + (q.roll(half, -1) * sin)
+            k = (k * cos) + (k.roll(half, -1) * sin)
             o = attention.attend(i, q, k, v, scaling)  # [T, H, D]
             h = h + o_proj(o.reshape(t, -1))[0]
             gate, up = gate_up(norm2(h))
