@@ -50,7 +50,8 @@ def inject(
     max_slots: int = 8,
     max_rank: int = 8,
     max_lora_rank: int | None = None,
-    lora_impl: str = "grouped",
+    lora_impl: str = "auto",
+    kernels: str = "auto",
 ) -> AdapterBanks:
     """Replace the target `nn.Linear` layers of `model` with `AdaptedLinear`; freeze the model.
 
@@ -58,6 +59,7 @@ def inject(
         or a list of target patterns (see the module docstring).
     max_slots: slots per bank, the base model's included. max_rank: largest FLoRA rank;
         max_lora_rank: largest LoRA rank (default max_rank; 0 allocates no LoRA bank).
+    lora_impl, kernels: how the adapted layers compute (see `AdaptedLinear`).
     """
     if hasattr(model, _BANKS_ATTR):
         raise ValueError("this model already has adapted layers; inject() once per model")
@@ -81,7 +83,7 @@ def inject(
                 col_range = _column_range(model, path, module, columns) if columns else None
                 layers[path] = AdaptedLinear(
                     module, routing, max_slots, max_rank,
-                    max_rank if max_lora_rank is None else max_lora_rank, col_range, lora_impl,
+                    max_rank if max_lora_rank is None else max_lora_rank, col_range, lora_impl, kernels,
                 )
                 break
     if unmatched:

@@ -8,7 +8,8 @@ import torch.nn as nn
 from flora import ops
 from flora.routing import RouteState
 
-LORA_IMPLS = ("grouped", "bmm")
+LORA_IMPLS = ("auto", "grouped", "bmm", "fused")
+KERNELS = ("auto", "torch", "triton")
 
 
 class AdaptedLinear(nn.Module):
@@ -16,7 +17,10 @@ class AdaptedLinear(nn.Module):
 
     Bank tensors (see `flora.ops` for their layouts) are parameters of this module, frozen
     until a trainer asks for them, so `model.to(...)` moves them with the model. Slot 0 is the
-    base model. `columns = (lo, hi)` restricts adaptation to output columns `lo:hi` (e.g. the
+    base model. `kernels`: "auto" computes with the Triton kernels (`flora.kernels`) on a GPU
+    when no gradient is needed, the PyTorch ops otherwise; "triton" / "torch" force one.
+    `lora_impl`: "auto" (the fused kernel with the kernels, else grouped), "grouped" (a matmul
+    pair per adapter), "bmm" (the paper's baseline) or "fused". `columns = (lo, hi)` restricts adaptation to output columns `lo:hi` (e.g. the
     query and key part of StarCoder's fused `c_attn`); the other columns stay the base layer's.
 
     How many rank components a forward computes comes from its `Route` (the largest rank among
@@ -33,15 +37,19 @@ class AdaptedLinear(nn.Module):
         max_rank: int,
         max_lora_rank: int,
         columns: tuple[int, int] | None = None,
-        lora_impl: str = "grouped",
+        lora_impl: str = "auto",
+        kernels: str = "auto",
     ):
         super().__init__()
         if lora_impl not in LORA_IMPLS:
             raise ValueError(f"lora_impl={lora_impl!r}: choose one of {LORA_IMPLS}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {KERNELS}")
         self.base = base
         self.routing = routing
         self.columns = columns
         self.lora_impl = lora_impl
+        self.kernels = kernels
         lo, hi = columns if columns is not None else (0, base.out_features)
         dout, din = hi - lo, base.in_features
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
@@ -104,34 +112,66 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.routing.current()
-        w0, bias = self.base.weight, self.base.bias
-        if self.columns is None:
-            return self._adapted(x, w0, bias, route)
-        lo, hi = self.columns
-        linear = route.linear
-        parts = [
-            linear(x, w0[:lo], None if bias is None else bias[:lo]),
-            self._adapted(x, w0[lo:hi], None if bias is None else bias[lo:hi], route),
-            linear(x, w0[hi:], None if bias is None else bias[hi:]),
-        ]
-        return torch.cat(parts, dim=-1)
-
-    def _adapted(self, x, w0, bias, route) -> torch.Tensor:
         plan = route.plan
+        w0, bias = self.base.weight, self.base.bias
+        fused = self._fused(x)
         if plan.mul_rank == 0:  # only base/LoRA rows: the plain base layer
             y = route.linear(x, w0, bias)
+        elif fused:
+            from flora.kernels.flora_linear import flora_linear_fused  # Triton is optional: imported when used
+
+            scales = self.scales_bias if plan.scales_bias else None
+            y = flora_linear_fused(x, w0, bias, self.a, self.b, route.token_slots(x), plan.mul_rank, self.columns,
+                                   scales_bias=scales)
+        elif self.columns is None:
+            y = self._multiplicative(x, w0, bias, route)
         else:
-            gain = None
-            if bias is not None and plan.scales_bias:
-                gain = torch.where(self.scales_bias[:, None], self.a[:, 0], 1.0)  # [S, Dout]
-            y = ops.flora_linear(x, w0, bias, self.a, self.b, route.slots, rank=plan.mul_rank, gain=gain, linear=route.linear)
+            lo, hi = self.columns
+            y = torch.cat([
+                route.linear(x, w0[:lo], None if bias is None else bias[:lo]),
+                self._multiplicative(x, w0[lo:hi], None if bias is None else bias[lo:hi], route),
+                route.linear(x, w0[hi:], None if bias is None else bias[hi:]),
+            ], dim=-1)
         if plan.lora_rank:
-            lora_a, lora_b = self.lora_a[:, : plan.lora_rank], self.lora_b[:, : plan.lora_rank]
-            if self.lora_impl == "bmm":
-                delta = ops.lora_delta_bmm(x, lora_a, lora_b, route.slots)
-            else:
-                delta = ops.lora_delta_grouped(x, lora_a, lora_b, route.slots, route.lora_groups())
-            y = y + delta
+            y = self._add_lora(y, x, route, fused)
+        return y
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether the Triton kernels compute this forward: asked for, or on a GPU when nothing
+        needs a gradient (training keeps the PyTorch ops, whose backward autograd provides)."""
+        if self.kernels == "torch":
+            return False
+        if self.kernels == "triton":
+            return True
+        from flora.kernels import HAS_TRITON
+
+        return HAS_TRITON and x.is_cuda and not torch.is_grad_enabled()
+
+    def _multiplicative(self, x, w0, bias, route) -> torch.Tensor:
+        plan = route.plan
+        gain = None
+        if bias is not None and plan.scales_bias:
+            gain = torch.where(self.scales_bias[:, None], self.a[:, 0], 1.0)  # [S, Dout]
+        return ops.flora_linear(x, w0, bias, self.a, self.b, route.slots, rank=plan.mul_rank, gain=gain, linear=route.linear)
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, route, fused: bool) -> torch.Tensor:
+        r = route.plan.lora_rank
+        lo = 0 if self.columns is None else self.columns[0]
+        impl = self.lora_impl if self.lora_impl != "auto" else ("fused" if fused else "grouped")
+        if impl == "fused":
+            from flora.kernels.lora import lora_add_fused
+
+            if y.requires_grad:
+                raise RuntimeError("the fused LoRA kernel has no backward: train with lora_impl='grouped' or 'bmm'")
+            return lora_add_fused(y, x, self.lora_a, self.lora_b, r, route.lora_tiles(x), col_offset=lo)
+        lora_a, lora_b = self.lora_a[:, :r], self.lora_b[:, :r]
+        if impl == "bmm":
+            delta = ops.lora_delta_bmm(x, lora_a, lora_b, route.slots)
+        else:
+            delta = ops.lora_delta_grouped(x, lora_a, lora_b, route.slots, route.lora_groups())
+        if self.columns is None:
+            return y + delta
+        y[..., lo : self.columns[1]] += delta  # autograd: the matmul that made y needs x and W0, not y
         return y
 
     def extra_repr(self) -> str:

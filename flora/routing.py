@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,14 +45,19 @@ class Route:
         already knows them (the engine builds them on the host); otherwise computed on first use.
     linear: `linear(x, weight, bias=None)` for the layers' base matmuls: `F.linear`, or a faster
         kernel an engine chooses for inference (no autograd needed).
+    host_slots: the same slots as a numpy array, when the caller has them on the host (the
+        engine): token groupings for the LoRA kernel are then built without a device read.
     """
 
     def __init__(self, slots: torch.Tensor, plan: RoutePlan, lora_groups: list[tuple[int, torch.Tensor]] | None = None,
-                 linear=F.linear):
+                 linear=F.linear, host_slots: np.ndarray | None = None):
         self.slots = slots
         self.plan = plan
         self.linear = linear
         self._lora_groups = lora_groups
+        self._host_slots = host_slots
+        self._token_slots: dict[int, torch.Tensor] = {}  # by token count (an encoder and a decoder differ)
+        self._lora_tiles: dict[int, object] = {}
 
     @property
     def active_slots(self) -> tuple[int, ...]:
@@ -63,6 +69,28 @@ class Route:
             flat = self.slots.reshape(-1)
             self._lora_groups = [(s, torch.nonzero(flat == s, as_tuple=True)[0]) for s in self.plan.lora_slots]
         return self._lora_groups
+
+    def token_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """One slot per token of `x` ([B, L, D] or [T, D]), flattened: what the kernels take."""
+        tokens = x[..., 0].numel()
+        if tokens not in self._token_slots:
+            from flora.ops import expand_slots
+
+            self._token_slots[tokens] = expand_slots(x, self.slots).expand(x.shape[:-1]).reshape(-1).contiguous()
+        return self._token_slots[tokens]
+
+    def lora_tiles(self, x: torch.Tensor):
+        """The LoRA kernel's token tiles (`flora.kernels.lora.LoraTiles`), built once per forward
+        (and token count)."""
+        tokens = x[..., 0].numel()
+        if tokens not in self._lora_tiles:
+            from flora.kernels.lora import LoraTiles
+
+            host = self._host_slots
+            if host is None or host.size != tokens:
+                host = self.token_slots(x).cpu().numpy()  # one device read per forward, not per layer
+            self._lora_tiles[tokens] = LoraTiles.build(host.reshape(-1), self.plan.lora_slots, x.device)
+        return self._lora_tiles[tokens]
 
 
 class RouteState:

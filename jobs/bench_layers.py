@@ -1,19 +1,24 @@
-"""Layer benchmark: base vs FLoRA vs IA3 vs LoRA (bmm, grouped) on StarCoder-shaped layers.
+"""Layer benchmark: base vs FLoRA vs IA3 vs LoRA (fused, bmm, grouped) on StarCoder/Llama layers.
 
     python jobs/bench_layers.py [--quick] [--out DIR] [--device cpu|cuda] [--dtype float32]
-    ray job submit --working-dir . -- python jobs/bench_layers.py --device cuda
+        [--models starcoder-1b,llama-2-7b] [--adapters 64] [--ranks 1,2,4]
+    ray job submit --working-dir . -- python jobs/bench_layers.py --device cuda --dtype float16
 
-The paper's Fig. 2 on one adapted square layer `d x d` (StarCoder-1B/3B/15B widths): time of
-each method relative to the plain base layer, versus rank, for decode (64 rows x 1 token, one
-adapter per row) and prefill (8 rows x 256 tokens) batches whose rows draw from 1, 8 or 64
-distinct adapters. Methods, all on the same inputs:
+The paper's Fig. 2 on one adapted square layer `d x d` (StarCoder-1B/3B/15B and Llama-2-7B
+widths): time of each method relative to the plain base layer, versus rank, for decode (64 rows
+x 1 token, one adapter per row) and prefill (8 rows x 256 tokens) batches whose rows draw from
+1, 8 or 64 distinct adapters. Methods, all on the same inputs:
     base          F.linear(x, w0, bias)
-    flora         ops.flora_linear at that rank
+    flora         ops.flora_linear at that rank (PyTorch ops)
+    flora_fused   the Triton kernel: FLoRA fused into the base matmul (`flora.kernels.flora_linear`)
     ia3           ops.flora_linear with a rank-1 bank whose input side is ones (IA3's cost here)
+    lora_fused    base + the Triton LoRA kernel over tokens grouped by adapter (`flora.kernels.lora`)
     lora_bmm      base + ops.lora_delta_bmm (the paper's baseline)
-    lora_grouped  base + ops.lora_delta_grouped, groups from ops.group_tokens computed once
-                  outside the timing, as a model shares them across its layers
-Banks hold rank 16 and each call asks for the rank measured, as `flora.layers` does.
+    lora_grouped  base + ops.lora_delta_grouped, one matmul pair per adapter
+Token slots and groupings are computed once outside the timing, as a model shares them across
+its layers. The fused methods run on CUDA with Triton only (on a CPU the kernels run in
+Triton's interpreter: right, but not a speed). Banks hold rank 16 and each call asks for the
+rank measured, as `flora.layers` does.
 
 On CUDA every call is captured once into a CUDA graph and the graph is replayed (`timing`
 column `cuda_graph`; `--eager` times plain calls): at these shapes a base layer is ~20 us of GPU
@@ -50,12 +55,14 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from flora import ops  # noqa: E402
+from flora.kernels import HAS_TRITON  # noqa: E402
 
-MODELS = {"starcoder-1b": 2048, "starcoder-3b": 2816, "starcoder-15b": 6144}  # name -> d
+MODELS = {"starcoder-1b": 2048, "starcoder-3b": 2816, "starcoder-15b": 6144, "llama-2-7b": 4096}  # name -> d
 SHAPES = {"decode": (64, 1), "prefill": (8, 256)}  # name -> (rows, tokens per row)
 ADAPTERS = (1, 8, 64)
 RANKS = (1, 2, 4, 8, 16)
-METHODS = ("base", "flora", "ia3", "lora_bmm", "lora_grouped")
+METHODS = ("base", "flora", "flora_fused", "ia3", "lora_fused", "lora_bmm", "lora_grouped")
+FUSED = ("flora_fused", "lora_fused")
 RANKLESS = ("base", "ia3")
 Y_TICKS = (0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CSV_COLUMNS = (
@@ -95,10 +102,30 @@ def main() -> None:
                         help="CUDA: time plain calls instead of CUDA-graph replays")
     parser.add_argument("--threads", type=int, default=cores,
                         help="torch CPU threads (default: the cores this process may use)")
+    parser.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--adapters", help="comma-separated distinct-adapter counts (default 1,8,64)")
+    parser.add_argument("--ranks", help="comma-separated ranks (default 1,2,4,8,16)")
+    parser.add_argument("--budget-s", type=float, help="seconds of samples per method and group (both shapes)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch; use --device cpu")
     plan = QUICK if args.quick else FULL
+    try:
+        if args.models:
+            models = tuple(args.models.split(","))
+            if set(models) - set(MODELS):
+                parser.error(f"--models: unknown {sorted(set(models) - set(MODELS))}; choose from {list(MODELS)}")
+            plan = dataclasses.replace(plan, models=models)
+        if args.adapters:
+            plan = dataclasses.replace(plan, adapters=tuple(int(a) for a in args.adapters.split(",")))
+        if args.ranks:
+            plan = dataclasses.replace(plan, ranks=tuple(int(r) for r in args.ranks.split(",")))
+    except ValueError as err:
+        parser.error(f"--adapters / --ranks take comma-separated integers ({err})")
+    if any(r < 1 or r > max(RANKS) for r in plan.ranks) or any(a < 1 for a in plan.adapters):
+        parser.error(f"--ranks must lie in 1..{max(RANKS)} and --adapters be >= 1")
+    if args.budget_s:
+        plan = dataclasses.replace(plan, budget_s={"decode": args.budget_s, "prefill": args.budget_s})
     if args.device == "cuda":  # GPU calls take microseconds: time several per sample
         plan = dataclasses.replace(plan, min_sample_s=2e-3)
     torch.set_num_threads(args.threads)
@@ -143,17 +170,22 @@ def bench_group(plan, device, dtype, dtype_name, model, shape, adapters, graphs)
     w0 = rand(d, d) / math.sqrt(d)  # [Dout, Din]
     bias = rand(d)  # [Dout]
     x = rand(n_rows, n_tokens, d)  # [B, L, Din]
-    # Every one of the `adapters` slots is used, in shuffled order.
-    slots = (torch.arange(n_rows) % adapters)[torch.randperm(n_rows, generator=g)].to(device)  # [B]
-    a = 1 + 0.1 * rand(adapters, max_rank, d)  # [S, R, Dout]
-    b = 1 + 0.1 * rand(adapters, max_rank, d)  # [S, R, Din]
-    lora_a = rand(adapters, max_rank, d) / math.sqrt(d)  # [S, R, Din]
-    lora_b = 0.01 * rand(adapters, max_rank, d)  # [S, R, Dout]
+    # Every one of the `adapters` slots (1..adapters; slot 0 is the base model, as in the banks)
+    # is used, in shuffled order.
+    slots = (torch.arange(n_rows) % adapters + 1)[torch.randperm(n_rows, generator=g)].to(device)  # [B]
+    a = 1 + 0.1 * rand(adapters + 1, max_rank, d)  # [S, R, Dout]
+    b = 1 + 0.1 * rand(adapters + 1, max_rank, d)  # [S, R, Din]
+    a[0], b[0] = 0, 0
+    a[0, 0], b[0, 0] = 1, 1  # the base model's identity row
+    lora_a = rand(adapters + 1, max_rank, d) / math.sqrt(d)  # [S, R, Din]
+    lora_b = 0.01 * rand(adapters + 1, max_rank, d)  # [S, R, Dout]
     # IA3 on attention outputs, PEFT's way: l ∘ (W0 x + c), so the bias gain is `l` too.
-    ia3 = [ops.ia3_bank_rows(1 + 0.1 * rand(d), False, 1, d, d) for _ in range(adapters)]
+    ia3 = [ops.ia3_bank_rows(1 + 0.1 * rand(d), False, 1, d, d) for _ in range(adapters + 1)]
     ia3_a, ia3_b = (torch.stack(t) for t in zip(*ia3))  # [S, 1, Dout], [S, 1, Din]
     ia3_gain = ia3_a[:, 0]  # [S, Dout]
     groups = ops.group_tokens(slots)
+    fused = device.type == "cuda" and HAS_TRITON
+    methods = [m for m in METHODS if fused or m not in FUSED]
 
     def lora(delta_fn, r):
         la, lb = lora_a[:, :r], lora_b[:, :r]
@@ -168,6 +200,15 @@ def bench_group(plan, device, dtype, dtype_name, model, shape, adapters, graphs)
         calls[("lora_grouped", r)] = lora(
             lambda la, lb: ops.lora_delta_grouped(x, la, lb, slots, groups), r
         )
+    if fused:
+        from flora.kernels.flora_linear import flora_linear_fused
+        from flora.kernels.lora import LoraTiles, lora_add_fused
+
+        token_slots = slots.repeat_interleave(n_tokens)  # [B·L], once per forward in a model
+        tiles = LoraTiles.build(token_slots.cpu().numpy(), range(1, adapters + 1), device)
+        for r in plan.ranks:
+            calls[("flora_fused", r)] = lambda r=r: flora_linear_fused(x, w0, bias, a, b, token_slots, r)
+            calls[("lora_fused", r)] = lambda r=r: lora_add_fused(F.linear(x, w0, bias), x, lora_a, lora_b, r, tiles)
 
     label = f"{model} d={d} {shape} adapters={adapters}"
     print(f"{label}: timing {len(calls)} calls ...", flush=True)
@@ -187,7 +228,7 @@ def bench_group(plan, device, dtype, dtype_name, model, shape, adapters, graphs)
     rows = []
     for r in plan.ranks:
         ratios = []
-        for method in METHODS:
+        for method in methods:
             key = (method, None if method in RANKLESS else r)
             ts = [t * 1e3 for t in samples[key]]
             p10, p90 = percentiles(ts)
@@ -234,7 +275,7 @@ def measure(calls, plan, device, shape) -> dict:
     base_s = time_calls(calls[("base", None)], 1, device)
     per_call_s, number = {}, {}
     for key, fn in calls.items():
-        units = key[1] if key[0] == "flora" else 1  # FLoRA at rank r: r base matmuls
+        units = key[1] if key[0].startswith("flora") else 1  # FLoRA at rank r: up to r base matmuls
         if base_s * units > plan.heavy_call_s:
             per_call_s[key] = base_s * units
         else:
@@ -305,9 +346,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     styles = {
         "base": dict(color="black", linestyle="--", label="base"),
-        "flora": dict(color="tab:red", marker="o", label="FLoRA"),
+        "flora": dict(color="tab:red", marker="o", linestyle=":", label="FLoRA (PyTorch)"),
+        "flora_fused": dict(color="tab:red", marker="o", label="FLoRA (fused)"),
         "ia3": dict(color="tab:green", marker="^", label="IA3"),
-        "lora_bmm": dict(color="tab:blue", marker="s", label="LoRA (bmm)"),
+        "lora_fused": dict(color="tab:blue", marker="s", label="LoRA (fused)"),
+        "lora_bmm": dict(color="tab:cyan", marker="s", linestyle=":", label="LoRA (bmm)"),
         "lora_grouped": dict(color="tab:purple", marker="D", label="LoRA (grouped)"),
     }
     fig, axes = plt.subplots(
@@ -322,7 +365,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             for method, style in styles.items():
                 pts = sorted((r["rank"], r["ratio_vs_base"]) for r in here
                              if r["method"] == method and r["adapters"] == adapters)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
             ax.set_xscale("log", base=2)
             # Log y: FLoRA grows ~linearly with rank while the others stay near 1.
             ax.set_yscale("log", base=2)
@@ -359,10 +403,12 @@ def ratio_ticks(lo: float, hi: float) -> list[float]:
 
 
 def print_headline(rows: list[dict]) -> None:
-    """Rank 1 at the most adapters per shape: FLoRA vs base and vs LoRA-bmm."""
-    print("\nheadline, rank 1, most distinct adapters (time ratios; < 1 means FLoRA is faster)")
-    print(f"{'model':<15}{'shape':<9}{'adapters':>9}{'flora/base':>12}{'flora/bmm':>11}"
-          f"{'ia3/base':>10}{'bmm/base':>10}{'grouped/base':>14}")
+    """Rank 1 at the most adapters per shape: FLoRA against base and LoRA, fused where measured."""
+    print("\nheadline, rank 1, most distinct adapters (time ratios; < 1 means the first is faster)")
+    columns = (("flora/base", "flora", "base"), ("flora/bmm", "flora", "lora_bmm"),
+               ("fused/base", "flora_fused", "base"), ("fused/lora_fused", "flora_fused", "lora_fused"),
+               ("ia3/base", "ia3", "base"), ("bmm/base", "lora_bmm", "base"), ("grouped/base", "lora_grouped", "base"))
+    print(f"{'model':<15}{'shape':<9}{'adapters':>9}" + "".join(f"{c:>17}" for c, _, _ in columns))
     for model in dict.fromkeys(r["model"] for r in rows):
         for shape in dict.fromkeys(r["shape"] for r in rows):
             here = [r for r in rows
@@ -371,9 +417,8 @@ def print_headline(rows: list[dict]) -> None:
                 continue
             adapters = max(r["adapters"] for r in here)
             ms = {r["method"]: r["median_ms"] for r in here if r["adapters"] == adapters}
-            print(f"{model:<15}{shape:<9}{adapters:>9}{ms['flora'] / ms['base']:>12.3f}"
-                  f"{ms['flora'] / ms['lora_bmm']:>11.3f}{ms['ia3'] / ms['base']:>10.3f}"
-                  f"{ms['lora_bmm'] / ms['base']:>10.3f}{ms['lora_grouped'] / ms['base']:>14.3f}")
+            cells = [f"{ms[a] / ms[b]:>17.3f}" if a in ms and b in ms else f"{'-':>17}" for _, a, b in columns]
+            print(f"{model:<15}{shape:<9}{adapters:>9}" + "".join(cells))
 
 
 if __name__ == "__main__":

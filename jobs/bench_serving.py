@@ -22,7 +22,11 @@ the fused `c_attn`; Llama: q_proj and k_proj).
 
 Methods, each a fresh copy of the base model with banks of exactly the rank measured:
     none          the injected model, every row on the base (slot 0)
-    flora         FLoRA at rank r (multiplicative, `flora.ops.flora_linear`)
+    flora         FLoRA at rank r (on a GPU with Triton the fused kernel `flora.kernels.flora_linear`,
+                  else the PyTorch ops `flora.ops.flora_linear`)
+    lora_fused    LoRA at rank r through the fused Triton kernel over tokens grouped by adapter
+                  (`flora.kernels.lora`, as vLLM and SGLang serve LoRA): the main LoRA baseline,
+                  on a GPU with Triton only
     lora_bmm      LoRA at rank r through two `torch.bmm` (the paper's appendix B.1 baseline)
     lora_grouped  LoRA at rank r grouped by adapter, one matmul pair per adapter (Punica/vLLM's
                   approach, here in plain PyTorch: one pair of kernels per adapter present)
@@ -72,8 +76,10 @@ sys.path.insert(0, str(REPO_ROOT))
 import flora  # noqa: E402
 from flora.engine import Engine, EngineConfig, Request  # noqa: E402
 from flora.engine.workload import MODELS, build_model, poisson_arrivals, sharegpt_like_lengths  # noqa: E402
+from flora.kernels import HAS_TRITON  # noqa: E402
 
-METHODS = ("none", "flora", "lora_bmm", "lora_grouped", "ia3")
+METHODS = ("none", "flora", "lora_fused", "lora_bmm", "lora_grouped", "ia3")
+LORA_IMPLS = {"lora_fused": "fused", "lora_bmm": "bmm", "lora_grouped": "grouped"}
 RANKLESS = ("none", "ia3")
 CSV_COLUMNS = (
     "mode device dtype model shrink method rank requests rows max_batch_tokens rate_per_s "
@@ -90,7 +96,7 @@ class Latency:
     rates: tuple[str, ...]  # "8" requests/s, or "0.5x" of the no-adapter offline request rate
     requests: int
     ranks: tuple[int, ...]
-    methods: tuple[str, ...] = ("none", "flora", "lora_bmm", "lora_grouped")
+    methods: tuple[str, ...] = ("none", "flora", "lora_fused", "lora_bmm", "lora_grouped")
     tokens: int = 2560
 
 
@@ -169,6 +175,9 @@ def select(preset: Preset, args, parser) -> tuple[Preset, tuple[str, ...]]:
     methods = tuple(m for m in args.methods.split(",") if m)
     if set(methods) - set(METHODS):
         parser.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
+    if "lora_fused" in methods and not (args.device == "cuda" and HAS_TRITON):
+        methods = tuple(m for m in methods if m != "lora_fused")  # Triton's interpreter on a CPU: no speed to see
+        print("lora_fused needs a GPU with Triton: left out of this run", flush=True)
     modes = set(args.modes.split(","))
     if not modes or modes - {"throughput", "latency"}:
         parser.error("--modes: throughput, latency or throughput,latency")
@@ -209,7 +218,7 @@ def adapted_copy(base, method: str, rank: int, adapters: int):
     lora = method.startswith("lora")
     banks = flora.inject(
         model, model.config.model_type, max_slots=adapters + 1, max_rank=rank if method == "flora" else 1,
-        max_lora_rank=rank if lora else 0, lora_impl="bmm" if method == "lora_bmm" else "grouped",
+        max_lora_rank=rank if lora else 0, lora_impl=LORA_IMPLS.get(method, "auto"),
     )
     kind = "lora" if lora else method
     adapter = flora.init_adapter(kind, 1 if kind == "ia3" else rank, banks.module_shapes, seed=rank)
@@ -449,6 +458,7 @@ STYLES = {
     "flora": dict(color="tab:red", marker="o", label="FLoRA"),
     "lora_bmm": dict(color="tab:blue", marker="s", label="LoRA (torch.bmm)"),
     "lora_grouped": dict(color="tab:purple", marker="D", label="LoRA (grouped)"),
+    "lora_fused": dict(color="tab:orange", marker="v", label="LoRA (fused kernel)"),
     "ia3": dict(color="tab:green", linestyle=":", label="IA3"),
 }
 
@@ -602,23 +612,25 @@ def write_report(rows: list[dict], path: Path) -> str:
     for model in dict.fromkeys(r["model"] for r in tput):
         here = [r for r in tput if r["model"] == model]
         by = {(r["method"], r["rank"]): r["output_tokens_per_s"] for r in here}
-        series = {m: {rk: v for (mm, rk), v in by.items() if mm == m} for m in ("flora", "lora_bmm", "lora_grouped")}
+        series = {m: {rk: v for (mm, rk), v in by.items() if mm == m}
+                  for m in ("flora", "lora_fused", "lora_bmm", "lora_grouped")}
         none = by.get(("none", 0))
         lines += [f"## {model}{_shrunk(here[0])}: throughput ({here[0]['requests']} requests, "
                   f"{here[0]['rows']} rows, {here[0]['max_batch_tokens']} tokens per step)", "",
-                  "| rank | FLoRA tok/s | LoRA-bmm tok/s | LoRA-grouped tok/s | FLoRA / bmm | FLoRA / grouped "
-                  "| FLoRA / none |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        for rank in sorted(series["flora"] | series["lora_bmm"]):
-            f_, b_, g_ = (series[m].get(rank) for m in ("flora", "lora_bmm", "lora_grouped"))
-            lines.append(f"| {rank} | {_fmt(f_)} | {_fmt(b_)} | {_fmt(g_)} | {_ratio(f_, b_)} | {_ratio(f_, g_)} "
-                         f"| {_ratio(f_, none)} |")
+                  "| rank | FLoRA tok/s | LoRA-fused tok/s | LoRA-bmm tok/s | LoRA-grouped tok/s | FLoRA / fused "
+                  "| FLoRA / bmm | FLoRA / grouped | FLoRA / none |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for rank in sorted(series["flora"] | series["lora_bmm"] | series["lora_fused"]):
+            f_, u_, b_, g_ = (series[m].get(rank) for m in ("flora", "lora_fused", "lora_bmm", "lora_grouped"))
+            lines.append(f"| {rank} | {_fmt(f_)} | {_fmt(u_)} | {_fmt(b_)} | {_fmt(g_)} | {_ratio(f_, u_)} "
+                         f"| {_ratio(f_, b_)} | {_ratio(f_, g_)} | {_ratio(f_, none)} |")
         extras = []
         if none:
             extras.append(f"No adapter {none:.1f} tok/s")
         if ("ia3", 0) in by and none:
             extras.append(f"IA3 {by[('ia3', 0)]:.1f} tok/s ({by[('ia3', 0)] / none:.2f}x no adapter)")
         f1, f2 = (_ratio(series["flora"].get(r), series["lora_bmm"].get(r)) or "n/a" for r in (1, 2))
-        lines += ["", f"Crossover (rank from which LoRA stays faster than FLoRA): bmm {crossover(series['flora'], series['lora_bmm'])}, "
+        lines += ["", f"Crossover (rank from which LoRA stays faster than FLoRA): fused "
+                      f"{crossover(series['flora'], series['lora_fused'])}, bmm {crossover(series['flora'], series['lora_bmm'])}, "
                       f"grouped {crossover(series['flora'], series['lora_grouped'])}. " + "; ".join(extras) + ".", "",
                   f"Beside the paper: FLoRA / LoRA-bmm throughput {f1} at rank 1 (paper: > 3) and {f2} at rank 2 "
                   f"(paper: about 2.5); crossover with bmm {crossover(series['flora'], series['lora_bmm'])} "

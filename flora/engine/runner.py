@@ -117,7 +117,7 @@ class ModelRunner:
             hi = np.searchsorted(ordered, plan.lora_slots, side="right")
             order_t = _dev(order, self.device)
             groups = [(s, order_t[a:b]) for s, a, b in zip(plan.lora_slots, lo.tolist(), hi.tolist())]
-        return _route_context(self.banks, Route(slots, plan, groups, linear=self.linear))
+        return _route_context(self.banks, Route(slots, plan, groups, linear=self.linear, host_slots=host_slots))
 
 
 @contextlib.contextmanager

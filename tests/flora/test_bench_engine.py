@@ -42,3 +42,27 @@ def test_gpu_script_runs_quick_on_cpu(tmp_path):
         rows = {r["figure"]: r for r in csv.DictReader(f)}
     assert {"none: output tokens/s", "flora_r1: output tokens/s", "flora_r1 / none"} <= set(rows)
     assert any("step / (weights + live KV" in f for f in rows) and "wrote" in done.stdout
+
+
+def test_kernels_gpu_summary_reads_the_benchmarks_csvs(tmp_path):
+    """The GPU script's verdicts, computed from CSVs in the benchmarks' own formats."""
+    sys.path.insert(0, str(JOBS))
+    import bench_kernels_gpu as summary
+
+    layers = tmp_path / "layers_cuda.csv"
+    layers.write_text(
+        "device,dtype,timing,model,d,shape,tokens,adapters,rank,method,median_ms,p10_ms,p90_ms,ratio_vs_base\n"
+        + "".join(f"cuda,float16,cuda_graph,starcoder-1b,2048,{shape},64,64,1,{m},{ms},0,0,0\n"
+                  for shape, table in (("decode", {"base": 0.020, "flora_fused": 0.021, "lora_fused": 0.030}),
+                                       ("prefill", {"base": 0.100, "flora_fused": 0.130, "lora_fused": 0.110}))
+                  for m, ms in table.items()))
+    got = {r["figure"]: r for r in summary.layer_figures(layers)}
+    assert got["layer starcoder-1b decode r1: FLoRA fused / base"]["verdict"] == "met"
+    assert got["layer starcoder-1b prefill r1: FLoRA fused / base"]["verdict"] == "MISSED"  # 1.3 > 1.15
+    assert got["layer starcoder-1b decode r1: FLoRA fused / LoRA fused"]["value"] == 0.7
+    serving = tmp_path / "serving_cuda.csv"
+    serving.write_text("mode,method,rank,output_tokens_per_s\nthroughput,none,0,1000\nthroughput,flora,1,990\n"
+                       "throughput,lora_fused,1,800\nthroughput,flora,2,700\nthroughput,lora_fused,2,760\n")
+    got = {r["figure"]: r for r in summary.serving_figures(serving)}
+    assert got["engine: FLoRA r1 / no adapter"]["verdict"] == "met"
+    assert got["engine: crossover, the rank from which fused LoRA is faster"]["value"] == 2

@@ -9,6 +9,7 @@ import torch
 
 import flora
 from flora.inject import _column_range
+from flora.kernels import HAS_TRITON
 
 from tests.flora.tiny_models import model_inputs, row, tiny_gpt_bigcode, tiny_llama, tiny_whisper
 
@@ -68,12 +69,18 @@ def output(model, inputs):
     return model(**inputs).logits
 
 
-@pytest.mark.parametrize("lora_impl", ["grouped", "bmm"])
+@pytest.mark.parametrize("lora_impl", ["grouped", "bmm", "triton"])
 @pytest.mark.parametrize("arch", ["gpt_bigcode", "llama", "whisper"])
 def test_mixed_batch_equals_merged_models(arch, lora_impl):
+    """`triton`: every adapted layer through the Triton kernels (FLoRA/IA3/base fused, fused LoRA;
+    in Triton's interpreter on a CPU), on the per-row slots of a padded batch."""
+    if lora_impl == "triton" and not HAS_TRITON:
+        pytest.skip("needs triton")
     base = BUILDERS[arch]()
     model = copy.deepcopy(base)
-    banks = flora.inject(model, arch, max_slots=8, max_rank=4, lora_impl=lora_impl)
+    kernels = "triton" if lora_impl == "triton" else "torch"
+    banks = flora.inject(model, arch, max_slots=8, max_rank=4, kernels=kernels,
+                         lora_impl="fused" if lora_impl == "triton" else lora_impl)
     adapters = make_adapters(banks, arch)
     for name, adapter in adapters.items():
         banks.load(name, adapter)

@@ -46,9 +46,9 @@ def tiny_decoder(arch: str, seed: int = 0, context: int = 96) -> torch.nn.Module
     return LlamaForCausalLM(config).eval()
 
 
-def injected(base: torch.nn.Module, arch: str, max_slots: int, max_rank: int = 4, max_lora_rank: int = 8):
+def injected(base: torch.nn.Module, arch: str, max_slots: int, max_rank: int = 4, max_lora_rank: int = 8, **kw):
     model = copy.deepcopy(base)
-    banks = flora.inject(model, TARGETS[arch], max_slots=max_slots, max_rank=max_rank, max_lora_rank=max_lora_rank)
+    banks = flora.inject(model, TARGETS[arch], max_slots=max_slots, max_rank=max_rank, max_lora_rank=max_lora_rank, **kw)
     return model, banks
 
 

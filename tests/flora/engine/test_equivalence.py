@@ -40,8 +40,10 @@ def run_staggered(engine: Engine, requests: list[Request], arrivals: list[int]):
 # "together": slots for all 18 adapters and room for 24 rows, so that 16+ distinct adapters share
 # forwards; "evicting": 7 adapter slots for 18 adapters, 6 rows, a token budget of 20, arrivals
 # spread over 40 steps; "preempting": together, in a pool of 12 blocks of 16 tokens; "hf_modules":
-# together through Hugging Face's forward; "triton_graphs": together with the Triton kernel, decode
-# steps over padded static buffers (in Triton's interpreter on a CPU).
+# together through Hugging Face's forward; "triton_graphs": together with the Triton attention
+# kernel, decode steps over padded static buffers; "kernels": together with every adapted layer
+# through the Triton adapter kernels (FLoRA/IA3/base fused, fused LoRA). Triton runs in its
+# interpreter on a CPU.
 TOGETHER = dict(max_slots=20, rows=26, tokens=1024, arrive_by=2, min_new=10)
 MODES = {
     "together": TOGETHER,
@@ -49,6 +51,7 @@ MODES = {
     "preempting": dict(TOGETHER, engine=dict(kv_cache_tokens=192)),
     "hf_modules": dict(TOGETHER, engine=dict(model_impl="hf")),
     "triton_graphs": dict(TOGETHER, engine=dict(attention="triton", graphs="static", max_graph_rows=32)),
+    "kernels": dict(TOGETHER, inject=dict(kernels="triton", lora_impl="fused")),
 }
 
 
@@ -56,10 +59,10 @@ MODES = {
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_equals_merged_generate(arch, mode):
     m = MODES[mode]
-    if m.get("engine", {}).get("attention") == "triton" and not HAS_TRITON:
+    if (m.get("engine", {}).get("attention") == "triton" or "inject" in m) and not HAS_TRITON:
         pytest.skip("needs triton")
     base = tiny_decoder(arch)
-    model, banks = injected(base, arch, max_slots=m["max_slots"])
+    model, banks = injected(base, arch, max_slots=m["max_slots"], **m.get("inject", {}))
     adapters = adapter_zoo(banks, arch, 18)
     names = list(adapters)
     rng = random.Random(0)
