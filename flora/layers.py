@@ -139,13 +139,13 @@ class AdaptedLinear(nn.Module):
     def _fused(self, x: torch.Tensor) -> bool:
         """Whether the Triton kernels compute this forward: asked for, or on a GPU when nothing
         needs a gradient (training keeps the PyTorch ops, whose backward autograd provides)."""
-        if self.kernels == "torch":
+        if self.kernels == "torch" or not (x.is_cuda or self.kernels == "triton"):
             return False
         if self.kernels == "triton":
             return True
         from flora.kernels import HAS_TRITON
 
-        return HAS_TRITON and x.is_cuda and not torch.is_grad_enabled()
+        return HAS_TRITON and not torch.is_grad_enabled()
 
     def _multiplicative(self, x, w0, bias, route) -> torch.Tensor:
         plan = route.plan

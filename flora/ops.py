@@ -134,6 +134,8 @@ def _linear_2d(x: torch.Tensor, w0: torch.Tensor, linear=F.linear) -> torch.Tens
     On CPU, torch.matmul of an N-D input whose size-1 dims carry odd strides (as a broadcast
     product can have) takes a path several times slower than the same matmul in 2-D.
     """
+    if x.dim() == 2:  # packed tokens (the engine): no views to make, each one a dispatch
+        return linear(x, w0)
     return linear(x.reshape(-1, x.shape[-1]), w0).view(*x.shape[:-1], w0.shape[0])
 
 
@@ -144,6 +146,8 @@ def _bank_rows(bank: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     CPU, which shows at decode shapes. Per-row slots ([B, 1]) gather one row per sequence, not
     one per token.
     """
+    if s.dim() == 1:  # packed tokens: the gather is the result
+        return bank.index_select(0, s)
     return bank.index_select(0, s.reshape(-1)).view(*s.shape, *bank.shape[1:])
 
 

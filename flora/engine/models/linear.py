@@ -118,8 +118,8 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    if x.dim() == 2 and x.is_contiguous():  # packed tokens: no views to make, each one a dispatch
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
