@@ -24,14 +24,17 @@ $(STAMP): pyproject.toml Makefile | system-packages
 
 install: $(STAMP)
 
-# The embedded speech corpus is spoken by espeak-ng, which pip cannot install. A fresh machine's
-# package lists may be empty, hence the update and second try. Without apt (or rights to use
-# it) everything else still installs: the speech corpus then says how to get espeak-ng.
+# System packages pip cannot install: espeak-ng speaks the embedded speech corpus; bubblewrap is
+# the evaluation sandbox (without it, evaluation refuses to run generated programs). A fresh
+# machine's package lists may be empty, hence the update and second try. Without apt (or rights
+# to use it) everything else still installs, and what needs them says how to get them.
+SYSTEM_PACKAGES := espeak-ng:espeak-ng bwrap:bubblewrap
 system-packages:
-	@command -v espeak-ng >/dev/null || { \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng || \
-		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng; } || \
-		echo "WARNING: could not install espeak-ng (the speech corpus needs it): apt-get install espeak-ng"; }
+	@missing=$$(for pair in $(SYSTEM_PACKAGES); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
+	[ -z "$$missing" ] || { \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing || \
+		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; } || \
+		echo "WARNING: could not install $$missing: apt-get install $$missing"; }
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -195,6 +195,8 @@ def report(cfg: CompareConfig, out: dict, seconds: float) -> None:
     for lang, reason in ev["unavailable"].items():
         print(f"  not evaluated: {lang}: {reason}")
     print(f"\nSandbox: {ev['isolation']}")
+    for decision in ev["promotion"].values():
+        print(f"  {decision.reason}")
     print(f"MLflow: evaluation run {ev['run_id']}, training runs {out['training_runs']} in {cfg.tracking_uri}")
     print(mlflow_ui_hint(cfg.tracking_uri))
 

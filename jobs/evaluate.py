@@ -8,7 +8,7 @@ model → held-out blocks → which languages run in this cluster's sandbox → 
 engine generates every completion (all adapters in shared batches) and measures perplexity →
 Ray tasks run every completion with its tests in the sandbox → pass@k per model and language →
 MLflow: an evaluation run, a child run per model, metrics as tags on the registered versions,
-optionally an alias moved to the best version.
+optionally an alias moved to the best version when it beats the alias's holder and the base model.
 """
 
 from __future__ import annotations
@@ -94,16 +94,18 @@ def run(cfg: EvaluateConfig) -> dict:
         "results.jsonl": "".join(json.dumps(v) + "\n" for v in verdicts),
         "sandbox.json": json.dumps(sandbox, indent=2),
     }
-    tags = {"flora.sandbox_isolation": sandbox["isolation"], "base_model": base_path}
+    # A run whose programs ran unisolated says so where runs are compared.
+    tags = {"flora.sandbox": "sandbox" if sandbox["sandboxed"] else "none", "flora.sandbox_isolation": sandbox["isolation"], "base_model": base_path}
     run_id = registry.log_evaluation(
         cfg.tracking_uri, cfg.tracking.experiment, cfg.run.name, flat_params(cfg), tags, models_logged, texts,
         tag_versions=cfg.tracking.tag_versions,
     )
-    promoted = {}
+    promotion = {}  # registered name -> registry.PromotionDecision (moved or not, and why)
     if cfg.promote.alias:
-        promoted = registry.promote_alias(cfg.tracking_uri, models_logged, cfg.promote.alias, cfg.promote.metric)
+        promotion = registry.promote_alias(cfg.tracking_uri, models_logged, cfg.promote.alias, cfg.promote.metric, run_id=run_id)
     return {
-        "run_id": run_id, "rows": rows, "table": table, "models": models_logged, "promoted": promoted,
+        "run_id": run_id, "rows": rows, "table": table, "models": models_logged, "promotion": promotion,
+        "promoted": {name: d.candidate for name, d in promotion.items() if d.moved},
         "unavailable": sandbox["unavailable"], "isolation": sandbox["isolation"], "base_path": base_path,
         "adapters": {a.source: a.label for a in adapters},
     }
@@ -123,8 +125,8 @@ def report(cfg: EvaluateConfig, out: dict, seconds: float) -> None:
     for lang, reason in out["unavailable"].items():
         print(f"  not evaluated: {lang}: {reason}")
     print(f"\nSandbox: {out['isolation']}")
-    for name, version in out["promoted"].items():
-        print(f"  {name}@{cfg.promote.alias} -> version {version}")
+    for decision in out["promotion"].values():
+        print(f"  {decision.reason}")
     print(f"MLflow evaluation run {out['run_id']} in {cfg.tracking_uri}")
     print(mlflow_ui_hint(cfg.tracking_uri))
 

@@ -96,7 +96,7 @@ class ExecutionConfig:
     max_file_mb: int = 16
     max_output_kb: int = 64
     workdir_mb: int = 64
-    isolation: str = "auto"  # auto | full | none
+    isolation: str = "sandbox"  # sandbox (refuse to run where it cannot) | none (unisolated, said in MLflow)
     programs_per_task: int = 16
     max_concurrent_tasks: int = 0  # 0 = the cluster's CPUs
 
@@ -139,7 +139,8 @@ class PerplexityConfig:
 @dataclass(frozen=True)
 class PromoteConfig:
     """alias: move this alias (e.g. "champion") of every evaluated registered model to its best
-    version of this evaluation, by `metric` on the version's own language ("" = leave aliases)."""
+    version of this evaluation, by `metric` on the version's own language, when that version
+    beats both the base model and the alias's holder ("" = leave aliases; `registry.promote_alias`)."""
 
     alias: str = ""
     metric: str = "pass@1"

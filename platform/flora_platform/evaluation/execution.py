@@ -1,28 +1,35 @@
-"""Run generated programs in a sandbox: one throw-away directory each, resource limits, no network,
-no writes anywhere else, and nothing left running afterwards.
+"""Run generated programs in a sandbox: no network, no view of the host's processes, files or
+sockets, resource limits, and nothing left running afterwards.
 
-    sandbox = Sandbox(ExecutionLimits(timeout_s=10))
+    sandbox = Sandbox(ExecutionLimits(timeout_s=10))   # SandboxUnavailable if it cannot isolate
     sandbox.unavailable("ruby")              # None, or why ruby programs cannot run here
     result = sandbox.run("python", source)   # ExecutionResult(status="passed", ...)
 
-Every run (`Sandbox.run`):
-  - writes the program into a fresh directory, and runs `sandbox_launch.py` there under
-    `unshare --mount --net --pid --fork --kill-child` (new mount, network and PID namespaces);
-  - the launcher puts a size-capped tmpfs over that directory, remounts everything else
-    read-only, and starts the interpreter as a child under a uid of its own (one of
-    `UID_COUNT` from `UID_BASE`, locked for the run so concurrent runs never share one), with
-    every group dropped, no new privileges, RLIMIT_CPU / AS / NPROC / FSIZE / NOFILE / CORE set
-    before exec, and an environment of PATH, HOME and TMPDIR (the last two inside the directory);
-  - the caller reads stdout and stderr up to `max_output_kb` each and kills the whole process
-    group at the wall-clock limit or when the output overflows; the end of the PID namespace
-    takes every process the program started with it, even ones that left the process group.
+Every run (`Sandbox.run`) starts bubblewrap (`bwrap`) as an unprivileged user, which works
+without root wherever the kernel allows user namespaces; as root, the run first drops to a uid
+of its own (one of `UID_COUNT` from `UID_BASE`, locked for the run). bubblewrap gives it:
+  - its own user, PID, network, mount, IPC, UTS and cgroup namespaces, and no further user
+    namespaces inside: only loopback of its own, no host process visible or signalable, a fresh
+    `/proc` showing the run's processes alone, and everything killed when the run ends;
+  - a filesystem of the host's `/usr` (with the `/bin`, `/lib` links) and the few `/etc`
+    entries interpreters read, all read-only; a minimal `/dev` (null, zero, random, tty...);
+    no `/home`, `/root`, `/tmp`, `/run` or `/var`, so no host Unix socket, credential file or
+    installed project is reachable; the root itself read-only;
+  - a size-capped tmpfs as the working directory (`WORKDIR`), holding the program: the only
+    writable place besides a capped `/dev/shm`, gone when the run ends;
+  - a seccomp filter (`seccomp.py`) denying ptrace, mount, keyrings, eBPF, perf, io_uring...
+Inside, `sandbox_launch.py` sets RLIMIT_CPU / AS / NPROC / FSIZE / NOFILE / CORE, starts the
+program as its child with an environment of PATH, HOME and TMPDIR (both in the working directory)
+and reports how it ended. RLIMIT_NPROC counts the processes of the run's own user namespace
+(Linux >= 5.14), so it holds for exactly this program even when the caller's uid runs many others.
+The caller reads stdout and stderr up to `max_output_kb` each and kills bubblewrap at the
+wall-clock limit or when the output overflows; bubblewrap's end takes every process of the run.
 
-A uid of its own per run makes RLIMIT_NPROC (counted per uid) hold for exactly this program
-and keeps concurrent runs from starving each other. Where namespaces are unavailable (not root,
-no `unshare`), `isolation="auto"` falls back to what is left and says so (`Sandbox.isolation`):
-as root, the own uid and the limits; otherwise only the limits and the process group. Then a
-program can reach the network and write wherever that user may; `isolation="full"` refuses to
-run instead.
+The default fails closed: where bubblewrap cannot run (not installed, user namespaces disabled,
+a container whose seccomp or AppArmor profile forbids them), `Sandbox()` raises
+`SandboxUnavailable` saying why. `isolation="none"` runs programs without the sandbox (the limits,
+a process group and, as root, a uid per run; the network and the host's files reachable): only
+for a machine you can throw away, and what asks for it must say so where results are reported.
 
 Verdicts: passed (exit status 0), failed (any other exit status: a failed test, an exception,
 a syntax error), timeout (wall-clock or CPU limit), error (killed by another signal, output over
@@ -50,15 +57,29 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flora_platform.evaluation import seccomp
+
 log = logging.getLogger(__name__)
 
 LAUNCHER = Path(__file__).with_name("sandbox_launch.py")
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
-UNSHARE_ARGS = ("--mount", "--net", "--pid", "--fork", "--kill-child")
 UID_BASE = 2_000_000_000  # far above any account or container range
 UID_COUNT = 4096
+PROBE_UID = UID_BASE + UID_COUNT  # the availability probe's, outside the runs' range
 STATUSES = ("passed", "failed", "timeout", "error")
-ISOLATION_MODES = ("auto", "full", "none")
+ISOLATION_MODES = ("sandbox", "none")
+
+# Inside the sandbox: where the program runs and where the launcher lies.
+WORKDIR = "/sandbox"
+INNER_LAUNCHER = "/.flora/sandbox_launch.py"
+BWRAP_NAMESPACES = ("--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--hostname", "sandbox")
+HOST_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # symlinks into /usr, or directories
+# What interpreters read from /etc: the dynamic loader's cache, Debian's alternatives (lua ->
+# lua5.4), the time zone, and the runtimes' own configuration. Nothing else of /etc is visible.
+HOST_ETC = (
+    "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives", "/etc/localtime",
+    "/etc/perl", "/etc/R", "/etc/julia", "/etc/racket",
+)
 
 
 @dataclass(frozen=True)
@@ -113,25 +134,6 @@ class ExecutionLimits:
 
 
 @dataclass(frozen=True)
-class Isolation:
-    """What the sandbox can enforce on this machine."""
-
-    namespaces: bool  # no network, read-only host filesystem, everything killed at the end
-    own_uid: bool  # a uid per run: RLIMIT_NPROC holds, and nothing of other users is writable
-    reason: str = ""  # why anything is missing
-
-    @property
-    def full(self) -> bool:
-        return self.namespaces and self.own_uid
-
-    def describe(self) -> str:
-        if self.full:
-            return "full (own uid; private mount, network and PID namespaces; read-only host)"
-        parts = ["own uid" if self.own_uid else "same uid as the caller", "no namespaces: network reachable, host writable"]
-        return f"partial ({'; '.join(parts)}): {self.reason}"
-
-
-@dataclass(frozen=True)
 class ExecutionResult:
     status: str  # passed | failed | timeout | error
     exit_code: int | None = None
@@ -146,55 +148,89 @@ class ExecutionResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Isolation:
+    """How programs run here."""
+
+    sandboxed: bool  # inside bubblewrap (see the module docstring)
+    own_uid: bool  # a uid per run (the caller is root)
+    seccomp: bool  # the seccomp filter is loaded (x86_64 and aarch64)
+    reason: str = ""  # why it is not sandboxed
+
+    def describe(self) -> str:
+        if not self.sandboxed:
+            return f"none ({self.reason}): network, host files and processes reachable; limits only"
+        parts = ["bubblewrap: own user, PID, network, mount, IPC and UTS namespaces", "fresh /proc", "read-only /usr",
+                 "no host sockets or devices", "capped tmpfs work directory"]
+        parts.append("seccomp filter" if self.seccomp else f"no seccomp filter (no table for {seccomp.machine()})")
+        if self.own_uid:
+            parts.append("a uid per run")
+        return "sandbox (" + "; ".join(parts) + ")"
+
+
 class SandboxUnavailable(RuntimeError):
-    """The isolation asked for cannot be had on this machine."""
+    """Programs cannot be isolated on this machine."""
+
+
+def _bwrap_unavailable() -> str | None:
+    if sys.platform != "linux":
+        return f"the sandbox needs Linux namespaces, this is {sys.platform}"
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (apt-get install bubblewrap)"
+    if shutil.which("python3", path=SANDBOX_PATH) is None:
+        return f"the sandbox's launcher needs python3 on {SANDBOX_PATH}"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _bwrap_extras() -> tuple[str, ...]:
+    """--disable-userns where bubblewrap has it (>= 0.8); the seccomp filter denies new user
+    namespaces on its own, this makes it two locks."""
+    usage = subprocess.run([shutil.which("bwrap") or "bwrap", "--help"], capture_output=True, text=True, timeout=30).stdout
+    return ("--disable-userns",) if "--disable-userns" in usage else ()
 
 
 @functools.lru_cache(maxsize=1)
 def detect_isolation() -> Isolation:
-    """The strongest isolation this machine gives (probed once per process)."""
-    if sys.platform != "linux":
-        return Isolation(False, False, f"namespaces and per-run uids need Linux, this is {sys.platform}")
-    if os.geteuid() != 0:
-        return Isolation(False, False, "not running as root: cannot switch uid or create namespaces")
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return Isolation(False, True, "`unshare` (util-linux) is not installed")
-    try:
-        probe = subprocess.run([unshare, *UNSHARE_ARGS, "true"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return Isolation(False, True, f"`unshare` failed to run: {err}")
-    if probe.returncode != 0:
-        return Isolation(False, True, f"`unshare {' '.join(UNSHARE_ARGS)}` failed: {probe.stderr.strip()[:200]}")
-    return Isolation(True, True)
+    """Whether programs can be sandboxed here: bubblewrap runs a probe program (once per process)."""
+    own_uid = os.geteuid() == 0
+    reason = _bwrap_unavailable()
+    if reason is None:
+        probe = _Launch(ExecutionLimits(), sandboxed=True, uid=PROBE_UID if own_uid else None).run(".py", "pass\n")
+        if probe.status != "passed":
+            reason = (
+                f"bubblewrap could not start a program ({probe.detail}: {probe.stderr.strip()[-300:]}); "
+                "it needs unprivileged user namespaces (sysctl user.max_user_namespaces > 0, and in a "
+                "container a seccomp and AppArmor profile that allow them and an unmasked /proc)"
+            )
+    if reason is not None:
+        return Isolation(False, own_uid, False, reason)
+    return Isolation(True, own_uid, seccomp.filter_program() is not None)
 
 
 class Sandbox:
     """Runs programs under `limits` (see the module docstring); thread-safe.
 
-    isolation: "auto" (the strongest available, with a warning when it is not full), "full"
-    (raise `SandboxUnavailable` unless it is), "none" (limits and process group only).
+    isolation: "sandbox" (bubblewrap; `SandboxUnavailable` where it cannot run) or "none"
+    (no isolation but the limits: asked for explicitly, never a fallback).
     """
 
-    def __init__(self, limits: ExecutionLimits | None = None, isolation: str = "auto", root: str | Path | None = None):
+    def __init__(self, limits: ExecutionLimits | None = None, isolation: str = "sandbox", root: str | Path | None = None):
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation={isolation!r}: choose one of {ISOLATION_MODES}")
         self.limits = limits or ExecutionLimits()
-        found = detect_isolation()
-        if isolation == "full" and not found.full:
-            raise SandboxUnavailable(
-                f"full isolation is not available here ({found.reason}); run as root on Linux with "
-                "util-linux `unshare`, or set execution.isolation=auto to run with less"
-            )
         if isolation == "none":
-            found = Isolation(False, False, "isolation=none was asked for")
-        elif not found.full:
-            log.warning("sandbox isolation is %s", found.describe())
-        self.isolation = found
-        self._root = _private_dir(Path(root) if root else Path(tempfile.gettempdir()) / f"flora-sandbox-{os.geteuid()}", 0o711)
-        self._work = _private_dir(self._root / "work", 0o711)
-        self._uids = _private_dir(self._root / "uids", 0o700)
-        self._unshare = shutil.which("unshare") if found.namespaces else None
+            log.warning("sandbox isolation=none: generated programs run with the network and host files reachable")
+            self.isolation = Isolation(False, os.geteuid() == 0, False, "isolation=none was asked for")
+        else:
+            found = detect_isolation()
+            if not found.sandboxed:
+                raise SandboxUnavailable(
+                    f"cannot isolate generated programs here: {found.reason}. Set execution.isolation=none "
+                    "only to run them unisolated on a machine you can throw away."
+                )
+            self.isolation = found
+        self._root = Path(root) if root else Path(tempfile.gettempdir()) / f"flora-sandbox-{os.geteuid()}"
         self._availability: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
@@ -238,42 +274,119 @@ class Sandbox:
 
     def _run(self, language: str, source: str) -> ExecutionResult:
         runtime = RUNTIMES[language]
-        interpreter = self.interpreter(language)
         with self._own_uid() as uid:
-            workdir = Path(tempfile.mkdtemp(prefix="run-", dir=self._work))
+            launch = _Launch(self.limits, self.isolation.sandboxed, uid, self._root)
+            return launch.run(runtime.extension, source, self.interpreter(language))
+
+    @contextlib.contextmanager
+    def _own_uid(self) -> Iterator[int | None]:
+        """A uid no other run holds (a lock file per uid, released when the run ends)."""
+        if not self.isolation.own_uid:
+            yield None
+            return
+        locks = _private_dir(_private_dir(self._root, 0o711) / "uids", 0o700)
+        for offset in random.sample(range(UID_COUNT), UID_COUNT):
+            uid = UID_BASE + offset
+            fd = os.open(locks / f"{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
             try:
-                program = workdir / f"program{runtime.extension}"
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield uid
+            finally:
+                os.close(fd)
+            return
+        raise RuntimeError(f"all {UID_COUNT} sandbox uids are in use; run fewer programs at once")
+
+
+class _Launch:
+    """One program's run: the launcher's spec, the command around it, its verdict."""
+
+    def __init__(self, limits: ExecutionLimits, sandboxed: bool, uid: int | None, root: Path | None = None):
+        self.limits, self.sandboxed, self.uid = limits, sandboxed, uid
+        self.root = root or Path(tempfile.gettempdir()) / f"flora-sandbox-{os.geteuid()}"
+        self.fds: list[int] = []
+
+    def run(self, extension: str, source: str, interpreter: str | None = None) -> ExecutionResult:
+        interpreter = interpreter or shutil.which("python3", path=SANDBOX_PATH) or sys.executable
+        try:
+            if self.sandboxed:
+                return self._start(WORKDIR, [interpreter, f"program{extension}"], extension, source)
+            # Unsandboxed: a throw-away host directory (the caller's, or the run's uid's).
+            work = _private_dir(_private_dir(self.root, 0o711) / "work", 0o711)
+            workdir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+            try:
+                program = workdir / f"program{extension}"
                 program.write_text(source)
-                if uid is not None and not self.isolation.namespaces:
-                    # No tmpfs of its own: the program writes into this directory directly.
-                    os.chown(workdir, uid, uid)
-                    os.chown(program, uid, uid)
-                return self._launch(workdir, [interpreter, program.name], uid)
+                if self.uid is not None:
+                    os.chown(workdir, self.uid, self.uid)
+                    os.chown(program, self.uid, self.uid)
+                return self._start(str(workdir), [interpreter, program.name], extension, source)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            for fd in self.fds:
+                os.close(fd)
+            self.fds.clear()
 
-    def _launch(self, workdir: Path, argv: list[str], uid: int | None) -> ExecutionResult:
+    def _data_fd(self, data: bytes) -> int:
+        """A file descriptor reading `data` from its start, for bubblewrap to copy into the sandbox."""
+        fd = os.memfd_create("flora-sandbox")
+        self.fds.append(fd)
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def _bwrap(self, extension: str, source: str) -> list[str]:
         lim = self.limits
-        env = {"PATH": SANDBOX_PATH, "HOME": str(workdir / "home"), "TMPDIR": str(workdir / "tmp"), "LANG": "C.UTF-8"}
-        read_end, write_end = os.pipe()
-        spec = {
-            "argv": argv, "env": env, "workdir": str(workdir), "subdirs": ["home", "tmp"],
-            "uid": uid, "gid": uid, "status_fd": write_end,
-            "tmpfs_bytes": lim.workdir_mb << 20 if self.isolation.namespaces else 0,
-            "read_only_root": self.isolation.namespaces,
-            "limits": {
-                "cpu_s": int(lim.cpu_s), "address_space_bytes": lim.memory_mb << 20, "processes": lim.max_processes,
-                "file_bytes": lim.max_file_mb << 20, "open_files": lim.open_files, "core_bytes": 0,
-            },
+        args = [shutil.which("bwrap") or "bwrap", *BWRAP_NAMESPACES, *_bwrap_extras(), "--ro-bind", "/usr", "/usr"]
+        for path in HOST_LINKS:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                args += ["--ro-bind", path, path]
+        for path in HOST_ETC:
+            args += ["--ro-bind-try", path, path]
+        capped = str(lim.workdir_mb << 20)
+        args += [
+            "--proc", "/proc", "--dev", "/dev", "--size", capped, "--tmpfs", "/dev/shm",
+            "--size", capped, "--perms", "0700", "--tmpfs", WORKDIR,
+            "--file", str(self._data_fd(source.encode())), f"{WORKDIR}/program{extension}",
+            "--ro-bind-data", str(self._data_fd(LAUNCHER.read_bytes())), INNER_LAUNCHER,
+        ]
+        seccomp_filter = seccomp.filter_program()
+        if seccomp_filter is not None:
+            args += ["--seccomp", str(self._data_fd(seccomp_filter))]
+        return args + ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR]
+
+    def _start(self, workdir: str, argv: list[str], extension: str, source: str) -> ExecutionResult:
+        lim = self.limits
+        env = {"PATH": SANDBOX_PATH, "HOME": f"{workdir}/home", "TMPDIR": f"{workdir}/tmp", "LANG": "C.UTF-8"}
+        limits = {
+            "cpu_s": int(lim.cpu_s), "address_space_bytes": lim.memory_mb << 20, "file_bytes": lim.max_file_mb << 20,
+            "open_files": lim.open_files, "core_bytes": 0,
         }
-        command = [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(spec)]
-        if self._unshare:
-            command = [self._unshare, *UNSHARE_ARGS, *command]
+        if self.sandboxed or self.uid is not None:
+            # Counted per uid in a user namespace: the run's processes alone. Unsandboxed under the
+            # caller's own uid it would count all of the caller's processes, so it is left out.
+            limits["processes"] = lim.max_processes
+        read_end, write_end = os.pipe()
+        spec = {"argv": argv, "env": env, "workdir": workdir, "subdirs": ["home", "tmp"], "status_fd": write_end, "limits": limits}
+        # The system's python3 (under /usr, so inside the sandbox too; and runnable by any uid).
+        python = shutil.which("python3", path=SANDBOX_PATH) or sys.executable
+        if self.sandboxed:
+            command, cwd = [*self._bwrap(extension, source), python, "-I", "-S", INNER_LAUNCHER, json.dumps(spec)], "/"
+        else:
+            # The source itself, not its path: the run's uid may not read the installed project.
+            command, cwd = [python, "-I", "-S", "-c", LAUNCHER.read_text(), json.dumps(spec)], workdir
+        as_user = {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, cwd=workdir, pass_fds=(write_end,), start_new_session=True,
+                env=env, cwd=cwd, pass_fds=(write_end, *self.fds), start_new_session=True, **as_user,
             )
         except OSError as err:
             os.close(read_end)
@@ -287,27 +400,6 @@ class Sandbox:
             os.close(read_end)
         duration = time.monotonic() - started
         return _verdict(lim, proc.returncode, reports, stopped, duration, stdout, stderr)
-
-    @contextlib.contextmanager
-    def _own_uid(self) -> Iterator[int | None]:
-        """A uid no other run holds (a lock file per uid, released when the run ends)."""
-        if not self.isolation.own_uid:
-            yield None
-            return
-        for offset in random.sample(range(UID_COUNT), UID_COUNT):
-            uid = UID_BASE + offset
-            fd = os.open(self._uids / f"{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                yield uid
-            finally:
-                os.close(fd)
-            return
-        raise RuntimeError(f"all {UID_COUNT} sandbox uids are in use; run fewer programs at once")
 
 
 def _private_dir(path: Path, mode: int) -> Path:

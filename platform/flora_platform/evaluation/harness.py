@@ -31,7 +31,7 @@ def _probe(languages: list[str], limits: ExecutionLimits, isolation: str) -> dic
     sandbox = Sandbox(limits, isolation)
     return {
         "isolation": sandbox.isolation.describe(),
-        "full_isolation": sandbox.isolation.full,
+        "sandboxed": sandbox.isolation.sandboxed,
         "unavailable": {lang: reason for lang in languages if (reason := sandbox.unavailable(lang)) is not None},
     }
 
@@ -41,9 +41,10 @@ def _run_chunk(programs: list[tuple[str, str]], limits: ExecutionLimits, isolati
     return [sandbox.run(language, source).to_dict() for language, source in programs]
 
 
-def probe_languages(languages: Sequence[str], limits: ExecutionLimits, isolation: str = "auto") -> dict:
-    """{"isolation": description, "full_isolation": bool, "unavailable": {language: reason}},
-    found by a Ray task (so on a worker, where programs will run)."""
+def probe_languages(languages: Sequence[str], limits: ExecutionLimits, isolation: str = "sandbox") -> dict:
+    """{"isolation": description, "sandboxed": bool, "unavailable": {language: reason}}, found by a
+    Ray task (so on a worker, where programs will run). `execution.SandboxUnavailable` when that
+    worker cannot isolate programs and `isolation` is not "none"."""
     task = ray.remote(num_cpus=1)(_probe)
     return ray.get(task.remote(sorted(set(languages)), limits, isolation))
 
@@ -51,7 +52,7 @@ def probe_languages(languages: Sequence[str], limits: ExecutionLimits, isolation
 def judge_programs(
     programs: Sequence[tuple[str, str]],
     limits: ExecutionLimits,
-    isolation: str = "auto",
+    isolation: str = "sandbox",
     *,
     programs_per_task: int = 16,
     max_concurrent_tasks: int = 0,
@@ -89,7 +90,7 @@ def judge_programs(
     return [flat[unique[program]] for program in programs]
 
 
-def judge_completions(problems: Sequence[Problem], completions: list[dict], limits: ExecutionLimits, isolation: str = "auto", **fanout) -> list[dict]:
+def judge_completions(problems: Sequence[Problem], completions: list[dict], limits: ExecutionLimits, isolation: str = "sandbox", **fanout) -> list[dict]:
     """A verdict row per completion (`generation.Completion` as a dict): its program, built with
     the problem's tests, run in the sandbox. Completions the engine skipped (prompt too long) or
     failed get status "skipped" / "error" without running. fanout: `judge_programs` options."""

@@ -65,6 +65,7 @@ def test_table_one_end_to_end(ray_local, tmp_path):
 
     # MLflow: the comparison on the evaluation run, a child run per model, metrics on versions.
     parent = client.get_run(ev["run_id"])
+    assert parent.data.tags["flora.sandbox"] == "sandbox" and parent.data.tags["flora.sandbox_isolation"] == ev["isolation"]
     assert {a.path for a in client.list_artifacts(ev["run_id"])} >= {"comparison.md", "evaluation.md", "results.jsonl", "scores.json"}
     assert all(f"pass_at_1/{lang}/{m}" in parent.data.metrics for lang in LANGUAGES for m in METHODS)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{ev['run_id']}'")
@@ -76,8 +77,10 @@ def test_table_one_end_to_end(ray_local, tmp_path):
             assert 0.0 <= float(v.tags[f"pass_at_1/{lang}"]) <= 1.0 and math.isfinite(float(v.tags[f"perplexity/{lang}"]))
             child = client.get_run(v.tags["flora.eval_run_id"])
             assert child.data.tags["flora.training_run_id"] == v.run_id == out["training_runs"][v.tags["kind"]]
-        champion = client.get_model_version_by_alias(f"flora-compare-{lang}", "champion")
-        assert str(champion.version) == ev["promoted"][f"flora-compare-{lang}"]
+        # The alias moves only to a version that beats the base (and any holder): it says why either way.
+        decision = ev["promotion"][f"flora-compare-{lang}"]
+        assert str(client.get_registered_model(f"flora-compare-{lang}").aliases.get("champion", "")) == decision.version, decision.reason
+        assert parent.data.tags[f"flora.promotion.flora-compare-{lang}"] == decision.reason
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng speaks the embedded corpus")

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[3]
     (["sampling.n_samples=5", "sampling.ks=[1,10]"], "sampling.n_samples", "must be >= k"),
     (["sampling.temperature=0"], "sampling.n_samples", "set n_samples=1"),
     (["sampling.top_p=0"], "sampling.top_p", "(0, 1]"),
-    (["execution.isolation=strict"], "execution.isolation", "auto"),
+    (["execution.isolation=auto"], "execution.isolation", "sandbox"),
     (["execution.timeout_s=0"], "execution", "timeout_s must be > 0"),
     (["promote.metric=bleu"], "promote.metric", "pass@1"),
     (["include_base=false"], "adapters", "nothing to evaluate"),

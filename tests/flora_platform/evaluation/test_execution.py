@@ -1,15 +1,14 @@
-"""The sandbox: right verdicts on known-correct and known-wrong programs in every available language,
-runaway programs stopped within the limits, no writes outside the working directory, no network.
+"""The sandbox's verdicts and limits: right verdicts on known-correct and known-wrong programs in
+every available language, runaway programs stopped within the limits, a fresh directory and a
+minimal environment per run. Escape attempts are in test_sandbox_escapes.py.
 
-Everything runs real interpreters in the real sandbox; the checks that need full isolation (root,
-namespaces) are skipped, with the reason, where the machine cannot give it.
+Everything runs real interpreters in the real sandbox (bubblewrap, which `make install` puts on
+the machine); where it cannot run, these tests fail: the sandbox fails closed, and so do they.
 """
 
 import json
 import os
-import socket
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,11 +30,6 @@ def sandbox():
 @pytest.fixture(scope="module")
 def tight():
     return Sandbox(RUNAWAY)
-
-
-def needs_full_isolation(sandbox):
-    if not sandbox.isolation.full:
-        pytest.skip(f"no full isolation on this machine: {sandbox.isolation.describe()}")
 
 
 def sandbox_pids() -> list[int]:
@@ -143,7 +137,7 @@ def test_sleeping_program_is_killed_at_the_wall_clock(tight):
 
 
 def test_process_count_is_held_by_the_limit(tight):
-    """Children that live on: fork fails once the run's uid has max_processes processes."""
+    """Children that live on: fork fails once the run has max_processes processes."""
     source = (
         "import os, time\n"
         "n = 0\n"
@@ -157,23 +151,9 @@ def test_process_count_is_held_by_the_limit(tight):
         "    print('limited', n, err.errno)\n"
     )
     result = tight.run("python", source)
-    if not tight.isolation.own_uid:
-        pytest.skip(f"RLIMIT_NPROC counts per uid and this run shares the caller's: {tight.isolation.describe()}")
     assert result.status == "passed", (result.detail, result.stderr)
     word, forked, errno = result.stdout.split()
     assert word == "limited" and int(forked) < RUNAWAY.max_processes and int(errno) == 11  # EAGAIN
-    assert_nothing_left_running()
-
-
-def test_fork_bomb_ends_within_the_limits_and_leaves_nothing(tight):
-    needs_full_isolation(tight)
-    started = time.monotonic()
-    result = tight.run("shell", ":(){ :|:& };:\nwait\n")
-    assert result.status in ("timeout", "failed", "passed", "error")
-    assert time.monotonic() - started < RUNAWAY.timeout_s + 5
-    # Even the processes that escaped the process group end with the run.
-    escaped = tight.run("shell", "setsid sleep 300 >/dev/null 2>&1 < /dev/null &\necho started\n")
-    assert escaped.status == "passed"
     assert_nothing_left_running()
 
 
@@ -201,59 +181,6 @@ def test_abort_is_not_swallowed(sandbox):
     assert result.status == "error" and result.signal == "SIGABRT"
 
 
-# --------------------------------------------------------------------------- isolation
-
-
-def test_program_never_writes_outside_its_directory(sandbox):
-    needs_full_isolation(sandbox)
-    token = uuid.uuid4().hex
-    targets = [
-        f"/tmp/flora-escape-{token}", f"/var/tmp/flora-escape-{token}", f"/dev/shm/flora-escape-{token}",
-        str(HERE / f"flora-escape-{token}"), str(Path.home() / f"flora-escape-{token}"), f"../flora-escape-{token}",
-        f"../../flora-escape-{token}", f"link-to-tmp/flora-escape-{token}",
-    ]
-    source = (
-        "import json, os\n"
-        "os.symlink('/tmp', 'link-to-tmp')\n"
-        f"targets = {targets!r}\n"
-        "written = []\n"
-        "for path in targets:\n"
-        "    try:\n"
-        "        with open(path, 'w') as f:\n"
-        "            f.write('escaped')\n"
-        "        written.append(path)\n"
-        "    except OSError:\n"
-        "        pass\n"
-        "open('inside.txt', 'w').write('ok')\n"
-        "os.makedirs(os.environ['TMPDIR'] + '/sub')\n"
-        "print(json.dumps({'written': written, 'inside': open('inside.txt').read(), 'cwd': os.getcwd()}))\n"
-    )
-    result = sandbox.run("python", source)
-    assert result.status == "passed", (result.detail, result.stderr)
-    out = json.loads(result.stdout)
-    assert out["written"] == [] and out["inside"] == "ok"
-    cwd = Path(out["cwd"])
-    on_host = [t for t in targets if (cwd / t).exists() or Path(t).exists()]
-    assert on_host == []
-    assert not cwd.exists(), "the working directory must be thrown away"
-    shell = sandbox.run("shell", f"echo x > /tmp/flora-escape-{token}-sh || exit 7\n")
-    assert shell.exit_code == 7 and not Path(f"/tmp/flora-escape-{token}-sh").exists()
-
-
-def test_no_network_even_to_loopback(sandbox):
-    needs_full_isolation(sandbox)
-    server = socket.create_server(("127.0.0.1", 0))
-    try:
-        port = server.getsockname()[1]
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # reachable from here
-        source = (
-            "import socket\n"
-            f"socket.create_connection(('127.0.0.1', {port}), timeout=5)\n"
-        )
-        result = sandbox.run("python", source)
-        assert result.status == "failed" and "OSError" in result.stderr, result.stderr
-    finally:
-        server.close()
 
 
 def test_each_run_gets_a_fresh_directory_and_a_minimal_environment(sandbox):
@@ -266,11 +193,23 @@ def test_each_run_gets_a_fresh_directory_and_a_minimal_environment(sandbox):
     first = json.loads(sandbox.run("python", probe).stdout)
     second = json.loads(sandbox.run("python", probe).stdout)
     assert set(first["env"]) == {"PATH", "HOME", "TMPDIR", "LANG"}
+    assert first["cwd"] == execution.WORKDIR
     assert first["env"]["HOME"].startswith(first["cwd"]) and first["env"]["TMPDIR"].startswith(first["cwd"])
     assert "left-behind" not in second["files"] and "program.py" in second["files"]
-    assert first["cwd"] != second["cwd"] and not Path(first["cwd"]).exists()
     if sandbox.isolation.own_uid:
-        assert UID_BASE <= first["uid"] < UID_BASE + UID_COUNT
+        assert UID_BASE <= first["uid"] < UID_BASE + UID_COUNT and first["uid"] != os.getuid()
+
+
+def test_unisolated_runs_only_when_asked_and_keeps_its_limits():
+    """isolation="none" runs in a throw-away host directory with the same verdicts and limits."""
+    bare = Sandbox(RUNAWAY, isolation="none")
+    assert not bare.isolation.sandboxed and "none" in bare.isolation.describe()
+    probe = bare.run("python", "import os\nprint(os.getcwd())\nopen('x', 'w').write('1')\n")
+    assert probe.status == "passed", (probe.detail, probe.stderr)
+    workdir = Path(probe.stdout.strip())
+    assert workdir.parent.parent.name.startswith("flora-sandbox-") and not workdir.exists()
+    assert bare.run("python", "while True:\n    pass\n").status == "timeout"
+    assert bare.run("python", "import sys\nsys.exit(4)\n").exit_code == 4
 
 
 def test_bad_limits_and_modes_are_refused():
@@ -278,8 +217,6 @@ def test_bad_limits_and_modes_are_refused():
         ExecutionLimits(timeout_s=0)
     with pytest.raises(ValueError, match="max_processes"):
         ExecutionLimits(max_processes=1)
-    with pytest.raises(ValueError, match="isolation"):
-        Sandbox(isolation="strict")
-    if not execution.detect_isolation().full:
-        with pytest.raises(execution.SandboxUnavailable, match="isolation=auto"):
-            Sandbox(isolation="full")
+    for mode in ("strict", "auto", "full"):
+        with pytest.raises(ValueError, match="isolation"):
+            Sandbox(isolation=mode)

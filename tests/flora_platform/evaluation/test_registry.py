@@ -88,17 +88,124 @@ def test_evaluation_runs_link_training_runs_and_versions(store):
     assert sorted(float(v.tags["perplexity/perl"]) for v in tagged) == [4.0, 5.0]
 
 
-def test_alias_moves_to_the_best_version_by_the_chosen_metric(store):
-    uri, runs, _ = store
+# Alias promotion, each test on a fresh store: flora-perl versions 1-3, no alias, no tags.
+
+@pytest.fixture
+def perl_versions(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client_for(uri)
-    models = evaluated(runs)
-    assert registry.promote_alias(uri, models, "champion", "pass@1") == {"flora-perl": "2"}  # tie -> lower perplexity
-    models[1].metrics[metric_key("pass@1", "perl")] = 0.5
-    assert registry.promote_alias(uri, models, "champion", "pass@1") == {"flora-perl": "1"}
-    assert str(client.get_model_version_by_alias("flora-perl", "champion").version) == "1"
-    assert registry.promote_alias(uri, models, "champion", "perplexity") == {"flora-perl": "2"}
-    models[2].metrics[metric_key("perplexity", "perl")] = math.nan
-    assert registry.promote_alias(uri, models, "champion", "perplexity") == {"flora-perl": "1"}
+    client.create_registered_model("flora-perl")
+    for v in range(1, 4):
+        client.create_model_version("flora-perl", source=f"file://{tmp_path}/adapters/v{v}")
+    return uri, client
+
+
+def perl_adapter(version: str, **metrics) -> EvaluatedModel:
+    """metrics: pass1=..., perplexity=... on perl."""
+    return EvaluatedModel(f"flora-perl/{version}", "flora", "perl", _perl(metrics), registered_name="flora-perl", version=version)
+
+
+def perl_base(**metrics) -> EvaluatedModel:
+    return EvaluatedModel("base", "base", None, _perl(metrics))
+
+
+def _perl(metrics: dict) -> dict:
+    return {metric_key("pass@1" if k == "pass1" else k, "perl"): v for k, v in metrics.items()}
+
+
+def evaluate_and_promote(uri, models, metric="pass@1", tag_versions=True):
+    """One evaluation as jobs/evaluate.py runs it: log (metrics become version tags), then promote."""
+    run_id = registry.log_evaluation(uri, "flora-evaluate", "eval", {}, {}, models, {}, tag_versions=tag_versions)
+    return registry.promote_alias(uri, models, "champion", metric, run_id=run_id)["flora-perl"], run_id
+
+
+def champion(client) -> str:
+    return str(client.get_registered_model("flora-perl").aliases.get("champion", ""))
+
+
+def test_alias_moves_when_the_candidate_beats_the_holder_and_the_base(perl_versions):
+    uri, client = perl_versions
+    first, _ = evaluate_and_promote(uri, [perl_base(pass1=0.2), perl_adapter("1", pass1=0.27)])
+    assert first.moved and first.reason == "moved flora-perl@champion (unset) -> 1: pass@1 on perl 0.27 > base 0.2 (no version held it)"
+    # Version 1 is not evaluated again: its value is the one recorded on it by the first evaluation.
+    d, run_id = evaluate_and_promote(uri, [perl_base(pass1=0.2), perl_adapter("2", pass1=0.31)])
+    assert (d.moved, d.holder, d.candidate, d.holder_value, d.base_value, d.version) == (True, "1", "2", 0.27, 0.2, "2")
+    assert d.reason == "moved flora-perl@champion 1 -> 2: pass@1 on perl 0.31 > holder 0.27 and base 0.2"
+    assert champion(client) == "2"
+    # The MLflow UI shows why: on the evaluation run, the registered model and the version.
+    assert client.get_run(run_id).data.tags["flora.promotion.flora-perl"] == d.reason
+    assert client.get_registered_model("flora-perl").tags["flora.promotion.champion"] == d.reason
+    assert client.get_model_version("flora-perl", "2").tags["flora.promotion.champion"] == d.reason
+
+
+def test_alias_stays_when_the_candidate_does_not_beat_the_holder(perl_versions):
+    uri, client = perl_versions
+    evaluate_and_promote(uri, [perl_base(pass1=0.2), perl_adapter("1", pass1=0.27)])
+    d, run_id = evaluate_and_promote(uri, [perl_base(pass1=0.2), perl_adapter("2", pass1=0.25)])
+    assert not d.moved and d.version == "1" and champion(client) == "1"
+    assert d.reason == "kept flora-perl@champion on version 1: candidate version 2 pass@1 on perl 0.25 <= holder 0.27"
+    assert client.get_run(run_id).data.tags["flora.promotion.flora-perl"] == d.reason
+    assert client.get_model_version("flora-perl", "2").tags["flora.promotion.champion"] == d.reason
+    d, _ = evaluate_and_promote(uri, [perl_base(pass1=0.2), perl_adapter("3", pass1=0.27)])  # a tie is not better
+    assert not d.moved and champion(client) == "1" and d.reason.endswith("0.27 <= holder 0.27")
+
+
+def test_alias_is_not_set_without_beating_the_base(perl_versions):
+    uri, client = perl_versions
+    d, _ = evaluate_and_promote(uri, [perl_base(pass1=0.2), perl_adapter("1", pass1=0.2), perl_adapter("2", pass1=0.1)])
+    assert not d.moved and d.candidate == "1" and champion(client) == ""
+    assert d.reason == "left flora-perl@champion unset: candidate version 1 pass@1 on perl 0.2 <= base 0.2"
+    # With a holder that is itself worse than the base: beating the holder is not enough.
+    client.set_registered_model_alias("flora-perl", "champion", "1")
+    d, _ = evaluate_and_promote(uri, [perl_base(pass1=0.3), perl_adapter("1", pass1=0.1), perl_adapter("2", pass1=0.25)])
+    assert not d.moved and champion(client) == "1"
+    assert d.reason == "kept flora-perl@champion on version 1: candidate version 2 pass@1 on perl 0.25 <= base 0.3"
+
+
+def test_alias_is_not_moved_without_a_base_model_score(perl_versions):
+    uri, client = perl_versions
+    d, _ = evaluate_and_promote(uri, [perl_adapter("1", pass1=0.5)])  # evaluated with include_base=false
+    assert not d.moved and champion(client) == "" and d.base_value is None
+    assert "the base model has no pass@1 on perl in this run" in d.reason
+
+
+def test_lower_perplexity_wins(perl_versions):
+    uri, client = perl_versions
+    d, _ = evaluate_and_promote(uri, [perl_base(perplexity=9.0), perl_adapter("1", perplexity=10.0)], "perplexity")
+    assert not d.moved and d.reason == "left flora-perl@champion unset: candidate version 1 perplexity on perl 10 >= base 9"
+    d, _ = evaluate_and_promote(uri, [perl_base(perplexity=9.0), perl_adapter("2", perplexity=5.0)], "perplexity")
+    assert d.moved and champion(client) == "2"
+    d, _ = evaluate_and_promote(uri, [perl_base(perplexity=9.0), perl_adapter("3", perplexity=6.0)], "perplexity")
+    assert not d.moved and champion(client) == "2"
+    assert d.reason == "kept flora-perl@champion on version 2: candidate version 3 perplexity on perl 6 >= holder 5"
+    d, _ = evaluate_and_promote(uri, [perl_base(perplexity=9.0), perl_adapter("3", perplexity=4.0)], "perplexity")
+    assert d.reason == "moved flora-perl@champion 2 -> 3: perplexity on perl 4 < holder 5 and base 9" and champion(client) == "3"
+
+
+def test_a_holder_without_the_metric_keeps_the_alias_until_evaluated_beside_the_candidate(perl_versions):
+    uri, client = perl_versions
+    client.set_registered_model_alias("flora-perl", "champion", "1")  # set by hand in the UI: never evaluated
+    d, _ = evaluate_and_promote(uri, [perl_base(pass1=0.2), perl_adapter("2", pass1=0.5)])
+    assert not d.moved and d.holder_value is None and champion(client) == "1"
+    assert d.reason == ("kept flora-perl@champion on version 1: candidate version 2 pass@1 on perl 0.5; holder version 1 has "
+                        "no recorded pass@1 on perl (evaluate it in the same run: models:/flora-perl@champion)")
+    # Evaluated in the same run, the holder is compared on this run's figures (not on tags: none written).
+    models = [perl_base(pass1=0.2), perl_adapter("1", pass1=0.4), perl_adapter("2", pass1=0.5)]
+    d, _ = evaluate_and_promote(uri, models, tag_versions=False)
+    assert d.moved and champion(client) == "2" and d.reason == "moved flora-perl@champion 1 -> 2: pass@1 on perl 0.5 > holder 0.4 and base 0.2"
+
+
+def test_the_best_of_the_run_is_chosen_by_the_metric_then_perplexity_then_version(perl_versions):
+    uri, client = perl_versions
+    base = perl_base(pass1=0.1, perplexity=9.0)
+    d, _ = evaluate_and_promote(uri, [base, perl_adapter("1", pass1=0.3, perplexity=4.0), perl_adapter("2", pass1=0.3, perplexity=5.0)])
+    assert d.candidate == "1" and champion(client) == "1"  # same pass@1, lower perplexity
+    d, _ = evaluate_and_promote(uri, [base, perl_adapter("1", pass1=0.3, perplexity=4.0), perl_adapter("3", pass1=0.3, perplexity=4.0)])
+    assert d.candidate == "3" and not d.moved  # the newer on a full tie, but not better than the holder
+    d, _ = evaluate_and_promote(uri, [base, perl_adapter("1", pass1=0.3, perplexity=4.0), perl_adapter("3", pass1=math.nan)])
+    assert d.candidate == "1" and not d.moved and d.reason.startswith("kept flora-perl@champion on version 1: it is the best")
+    with pytest.raises(ValueError, match="promotion metric 'bleu'"):
+        registry.promote_alias(uri, [base], "champion", "bleu")
 
 
 def test_pass_at_k_per_model_and_language_from_verdicts():
