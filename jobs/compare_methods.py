@@ -26,6 +26,8 @@ from pathlib import Path
 from flora_platform import tracking
 from flora_platform.config import AdapterSpec, ConfigError, FinetuneConfig, RunConfig, TrackingConfig
 from flora_platform.evaluation.config import CompareConfig, EvalRunConfig, EvalTrackingConfig, EvaluateConfig, PerplexityConfig
+from flora_platform.evaluation.execution import SandboxUnavailable
+from flora_platform.evaluation.harness import SANDBOX_UNAVAILABLE_EXIT
 from flora_platform.evaluation.registry import metric_key
 from flora_platform.evaluation.report import method_table
 from flora_platform.job_cli import job_main, mlflow_ui_hint
@@ -179,7 +181,8 @@ def run(cfg: CompareConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    return job_main(argv, __doc__, CompareConfig, run, report, example="train.steps=400")
+    return job_main(argv, __doc__, CompareConfig, run, report, example="train.steps=400",
+                    exit_codes={SandboxUnavailable: (SANDBOX_UNAVAILABLE_EXIT, "sandbox unavailable: ")})
 
 
 def report(cfg: CompareConfig, out: dict, seconds: float) -> None:

@@ -27,7 +27,8 @@ from flora_platform.data import load_documents, split_documents
 from flora_platform.evaluation import registry
 from flora_platform.evaluation.adapters import BASE_LABEL, resolve_adapters, resolve_base, warn_on_data_mismatch
 from flora_platform.evaluation.config import EvaluateConfig
-from flora_platform.evaluation.harness import judge_completions, probe_languages
+from flora_platform.evaluation.execution import SandboxUnavailable
+from flora_platform.evaluation.harness import SANDBOX_UNAVAILABLE_EXIT, judge_completions, probe_languages
 from flora_platform.evaluation.perplexity import heldout_blocks
 from flora_platform.evaluation.problems import load_problems
 from flora_platform.evaluation.report import model_table, score_rows
@@ -116,7 +117,8 @@ def _needs_embedded(cfg: EvaluateConfig) -> bool:
 
 
 def main(argv=None) -> int:
-    return job_main(argv, __doc__, EvaluateConfig, run, report, example="sampling.n_samples=100")
+    return job_main(argv, __doc__, EvaluateConfig, run, report, example="sampling.n_samples=100",
+                    exit_codes={SandboxUnavailable: (SANDBOX_UNAVAILABLE_EXIT, "sandbox unavailable: ")})
 
 
 def report(cfg: EvaluateConfig, out: dict, seconds: float) -> None:

@@ -18,12 +18,13 @@ from collections.abc import Sequence
 
 import ray
 
-from flora_platform.evaluation.execution import ExecutionLimits, ExecutionResult, Sandbox
+from flora_platform.evaluation.execution import ExecutionLimits, ExecutionResult, Sandbox, SandboxUnavailable
 from flora_platform.evaluation.problems import Problem
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 15.0
+SANDBOX_UNAVAILABLE_EXIT = 3  # what the evaluation jobs exit with when programs cannot be isolated
 STDERR_KEPT = 2000  # characters of each program's stderr kept in its verdict
 
 
@@ -46,7 +47,12 @@ def probe_languages(languages: Sequence[str], limits: ExecutionLimits, isolation
     Ray task (so on a worker, where programs will run). `execution.SandboxUnavailable` when that
     worker cannot isolate programs and `isolation` is not "none"."""
     task = ray.remote(num_cpus=1)(_probe)
-    return ray.get(task.remote(sorted(set(languages)), limits, isolation))
+    try:
+        return ray.get(task.remote(sorted(set(languages)), limits, isolation))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, SandboxUnavailable):  # the reason alone, not the worker's traceback
+            raise SandboxUnavailable(str(err.cause)) from None
+        raise
 
 
 def judge_programs(
