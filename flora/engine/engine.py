@@ -25,7 +25,11 @@ else shares the batch.
 
 Failures stay with their request: if a forward fails, the step's rows run again one by one
 and only those that fail alone fail; an error while delivering one request's tokens fails that
-request. The engine goes on in every case.
+request. The engine goes on in every case. What it cannot fix alone (a device error that fails
+every forward, a kernel that never returns) shows in two figures a supervisor reads from any
+thread: `last_ok_step_s`, when a step last ended without every forward failing (a step that
+ran no forward counts: the loop turns), and `failed_steps`, how many steps that ran the model
+in a row had every forward fail (or raised), steps without a forward in between not counting.
 """
 
 from __future__ import annotations
@@ -233,6 +237,10 @@ class Engine:
         self._stop = threading.Event()
         self._closed = False
         self.step_stats: deque[StepStats] = deque(maxlen=4096)  # the latest steps that ran the model
+        # Health, read from other threads (plain attribute reads; see the module docstring).
+        self.last_ok_step_s = time.monotonic()  # a step that ran no model (idle, loading) counts as ok
+        self.failed_steps = 0
+        self._forwards_ok = 0  # forwards of the current step that succeeded
 
     # ------------------------------------------------------------------ any thread
 
@@ -313,6 +321,7 @@ class Engine:
                     busy = self._locked_step()
                 except Exception as err:  # noqa: BLE001 - a bug must not kill serving silently
                     log.exception("engine step failed; failing the requests in flight")
+                    self.failed_steps += 1
                     with self._step_lock:
                         self._fail_all(f"engine step failed: {err!r}")
                     busy = False
@@ -382,7 +391,14 @@ class Engine:
         model_s = None
         if plan is not None:
             busy = True
+            self._forwards_ok = 0
             generated, prompt_tokens, context_tokens, model_s = self._run(plan)
+        if plan is not None and not self._forwards_ok:
+            self.failed_steps += 1  # every forward of this step failed, its rows alone too
+        else:  # a step without a forward (idle, waiting for a load) keeps the count: one request
+            if plan is not None:  # at a time under a sticky fault must still add up
+                self.failed_steps = 0
+            self.last_ok_step_s = time.monotonic()
         running = self.batch.running
         prefilling = self.scheduler.prefilling
         stats = None
@@ -413,6 +429,7 @@ class Engine:
             started = time.perf_counter()
             sampled = sample(logits, inputs.sampling)  # reads the tokens back: waits for the device
             model_s = self.runner.compute_s + time.perf_counter() - started
+            self._forwards_ok += 1
         except Exception as err:  # noqa: BLE001 - fails the rows at fault, not the engine
             if len(plan.rows) > 1:
                 log.warning("a forward of %d rows failed (%r); running them one by one", len(plan.rows), err)

@@ -131,7 +131,7 @@ def test_finetune_spans_both_nodes_and_serve_deploys_across_them(two_nodes, tmp_
 
     wait_for(app_running, 300, "the Serve app to be RUNNING", interval_s=3)
     phase("Serve app running")
-    replicas = [a for a in ray_list(cluster, "actors", "state=ALIVE") if a["class_name"].startswith("ServeReplica:flora")]
+    replicas = [a for a in ray_list(cluster, "actors", "state=ALIVE") if a["class_name"] == "ServeReplica:flora:flora"]
     assert len(replicas) == 2 and {a["node_id"] for a in replicas} == {head, worker}, replicas
 
     status, answer = post_json(f"http://127.0.0.1:{serve_port}/v1/completions",

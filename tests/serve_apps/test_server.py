@@ -198,20 +198,6 @@ def test_bad_requests_get_clear_errors_and_the_replica_keeps_serving(endpoint, a
     assert_still_serving(endpoint, assets)
 
 
-def test_a_full_queue_answers_429_with_retry_after(endpoint, assets):
-    # capacity = 8 rows + 4 queued; 24 long requests at once: the surplus is refused, not queued.
-    body = {"model": "flora_r2", "prompt": "def main(", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
-    with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(lambda _: http("POST", endpoint["url"] + "/v1/completions", body), range(24)))
-    statuses = [a[0] for a in answers]
-    assert set(statuses) <= {200, 429, 503}, statuses
-    refused = [a for a in answers if a[0] in (429, 503)]
-    assert refused and statuses.count(200) >= 8
-    assert all(int(a[1]["retry-after"]) >= 1 for a in refused)
-    assert all(a[2]["choices"][0]["finish_reason"] == "length" for a in answers if a[0] == 200)
-    assert_still_serving(endpoint, assets)
-
-
 def test_client_disconnect_cancels_the_request_in_the_engine(endpoint, assets):
     url = endpoint["url"]
     cancelled_before = http("GET", url + "/health")[2]["engine"]["requests_cancelled"]

@@ -7,7 +7,11 @@
     GET    /v1/models               the base model, adapters resident and adapters available
     POST   /v1/adapters             {"model": "<name>" | "<name>@<alias>"}: resolve afresh and load
     DELETE /v1/adapters/{name}      unload from this replica's banks (409 while requests use it)
-    GET    /health                  200 with the engine's figures while the engine loop runs, else 503
+    GET    /health                  200 with the engine's figures while the replica is healthy, else 503
+                                    with the reason (`serving.health`: loop stopped, stalled, failing)
+
+These are one replica's routes. In the Serve app an ingress relays each request to one replica
+(`serving.relay`), and sends POST/DELETE /v1/adapters to every replica (see serve_apps/flora_server.py).
 
 Errors are OpenAI error bodies: 400 (the field is named), 401, 404 (unknown model), 409, 413,
 422 (adapter unusable), 429 + Retry-After (queue full), 503 (registry down), 504 (timeout).
@@ -29,6 +33,7 @@ from starlette.datastructures import UploadFile
 
 from flora.engine import AdapterInUse, AdapterUnavailable, RequestOutput, RequestRejected
 from flora_platform.serving import protocol
+from flora_platform.serving.health import diagnose
 from flora_platform.serving.protocol import ApiError
 from flora_platform.serving.service import BadPrompt, ChoiceBuilder, CompletionService, Overloaded, RequestRecord, Run
 from flora_platform.serving.sources import AdapterInvalid, AdapterNotFound, RegistryUnavailable, Target
@@ -98,8 +103,10 @@ def build_http_app(service: CompletionService | TranscriptionService, api_key: s
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if service.alive else "engine stopped", **identity, **service.snapshot()}
-        return JSONResponse(body, status_code=200 if service.alive else 503)
+        snapshot = service.snapshot()
+        problem = diagnose(snapshot["health"], service.cfg.health)
+        body = {"status": problem or "ok", **identity, **snapshot}
+        return JSONResponse(body, status_code=503 if problem else 200)
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
@@ -242,6 +249,7 @@ async def _generate(service: CompletionService, rid: str, params, messages: list
     prompts: list[list[int]] = []
     try:
         target = await service.resolve(params.model)
+        service.count_arrival(target)
         prompts = [service.render_chat(messages)] if chat else [service.encode(p) for p in params.prompts]
         for ids in prompts:
             service.check_prompt(ids, s.max_tokens)

@@ -168,6 +168,26 @@ class SecuritySpec:
 
 
 @dataclass(frozen=True)
+class HealthSpec:
+    """When a replica reports itself unhealthy, so that Serve replaces it (see `serving.health`).
+
+    stall_timeout_s: requests are queued or running and no engine step has ended well for this
+        long (a hung kernel, a deadlock). Above the slowest legitimate step: a first prefill, a
+        CUDA graph capture.
+    max_failed_steps: this many engine steps in a row had every forward fail (a sticky device
+        error, memory that never comes back); a request that fails alone does not count.
+    """
+
+    stall_timeout_s: float = 60.0
+    max_failed_steps: int = 8
+
+    def __post_init__(self):
+        if not self.stall_timeout_s > 0:
+            raise ConfigError("health.stall_timeout_s", f"must be > 0, got {self.stall_timeout_s}")
+        _at_least("health", self, ("max_failed_steps",), 1)
+
+
+@dataclass(frozen=True)
 class AutoscalingSpec:
     """max_replicas > 0 turns Serve's autoscaler on (then deployment.num_replicas is ignored)."""
 
@@ -189,7 +209,12 @@ class DeploymentSpec:
 
     max_ongoing_requests: HTTP requests inside one replica (0 = the engine's rows + queue + 16,
         so that the replica's own 429 answers first). max_queued_requests: requests waiting in
-        Serve's proxy when every replica is full; beyond, Serve answers 503 with Retry-After.
+        the ingress's handle when every replica is full; beyond, the ingress answers 503 with Retry-After.
+    health_check_period_s / health_check_timeout_s: how often Serve calls a replica's health
+        check, and how long it waits for an answer. Serve replaces a replica after 3 failed
+        checks in a row (Ray 2.60), so one whose engine is unhealthy (see `HealthSpec`) is
+        stopped within about 3 × health_check_period_s (× 1.1, Serve's jitter), or 3 ×
+        health_check_timeout_s if the check itself hangs, and a new one started.
     """
 
     num_replicas: int = 1
@@ -198,6 +223,7 @@ class DeploymentSpec:
     max_ongoing_requests: int = 0
     max_queued_requests: int = 64
     health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 30.0
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
 
     def __post_init__(self):
@@ -205,6 +231,9 @@ class DeploymentSpec:
         _at_least("deployment", self, ("num_cpus", "num_gpus", "max_ongoing_requests"), 0)
         if self.max_queued_requests < -1:
             raise ConfigError("deployment.max_queued_requests", "must be >= 0, or -1 for no limit")
+        for name in ("health_check_period_s", "health_check_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"deployment.{name}", f"must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +244,7 @@ class ServeConfig:
     registry: RegistrySpec = field(default_factory=RegistrySpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     security: SecuritySpec = field(default_factory=SecuritySpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
     deployment: DeploymentSpec = field(default_factory=DeploymentSpec)
 
     @property

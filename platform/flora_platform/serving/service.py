@@ -138,7 +138,8 @@ class AdapterService:
     """What every replica's service has, whatever it generates: the model with adapter banks,
     adapter sources (directory and registry), name resolution off the event loop, request
     records, admission up to `capacity`. Subclasses add their engine, `load_adapter`,
-    `unload_key`, `alive` and `engine_snapshot`."""
+    `unload_key`, `alive` and `engine_snapshot` (and `health_status` where the engine reports
+    its steps)."""
 
     def __init__(self, cfg: ServeConfig, model, *, tracking_uri: str = "", on_record: Callable[[RequestRecord], None] | None = None):
         self.cfg = cfg
@@ -156,6 +157,9 @@ class AdapterService:
         self._io = ThreadPoolExecutor(4, thread_name_prefix="flora-adapters")
         self._names: dict[str, set[str]] = defaultdict(set)  # engine key -> names clients used for it
         self.requests: Counter[tuple[str, int]] = Counter()  # (model as requested, HTTP status)
+        # Requests naming an adapter, by whether it was in this replica's banks when they arrived
+        # (what adapter-affinity routing is for: "resident" / "not_resident").
+        self.arrivals: Counter[str] = Counter()
         self._inflight = 0  # engine requests admitted and not yet finished
         self._lock = threading.Lock()
 
@@ -177,15 +181,21 @@ class AdapterService:
     def engine_snapshot(self) -> dict:
         raise NotImplementedError
 
+    def health_status(self) -> dict:
+        """What `serving.health.diagnose` judges; here only whether the engine thread runs."""
+        return {"alive": self.alive}
+
     def snapshot(self) -> dict:
         with self._lock:
             inflight = self._inflight
         return {
+            "health": self.health_status(),
             "engine": self.engine_snapshot(),
             "inflight": inflight,
             "capacity": self.capacity,
             "forwards": self.forwards.snapshot(),
             "adapters_resident": self.resident(),
+            "adapter_arrivals": dict(self.arrivals),
             "requests": self.requests_snapshot(),
         }
 
@@ -209,6 +219,10 @@ class AdapterService:
                     names.discard(model)
             self._names[target.key].add(model)
         return target
+
+    def count_arrival(self, target: Target) -> None:
+        if target.key is not None:
+            self.arrivals["resident" if target.key in self.banks.names else "not_resident"] += 1
 
     async def load_adapter(self, model: str) -> Target:
         raise NotImplementedError
@@ -280,6 +294,18 @@ class CompletionService(AdapterService):
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def health_status(self) -> dict:
+        """The engine's step figures (read without a lock: the engine thread may be stuck)."""
+        with self._lock:
+            inflight = self._inflight
+        engine = self.engine
+        return {
+            "alive": self.alive,
+            "has_work": inflight > 0 or engine.has_work,
+            "last_ok_step_age_s": round(time.monotonic() - engine.last_ok_step_s, 3),
+            "failed_steps": engine.failed_steps,
+        }
 
     def close(self) -> None:
         self.engine.close()  # fails what is in flight as "cancelled": every pump ends
