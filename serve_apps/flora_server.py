@@ -182,9 +182,15 @@ class FloraIngress:
         await self.directory.report(replica, seq, answer)
 
 
-def build_app(args: dict, deployment: Deployment = FloraServer) -> Application:
-    """The application `serve run` builds from a config's args; `deployment` is FloraServer, or
-    a test's subclass of it (`tests/serve_apps/faulty_server.py` adds fault switches)."""
+def build_app(args: dict) -> Application:
+    """The application `serve run` / `serve deploy` builds from a config's args (Serve calls an
+    application builder with that one dictionary)."""
+    return build_app_with(args, FloraServer)
+
+
+def build_app_with(args: dict, deployment: Deployment) -> Application:
+    """`build_app` with another engine deployment: a test's subclass of FloraServer
+    (`tests/serve_apps/faulty_server.py` adds fault switches)."""
     _log_through_serve(LIBRARY_LOGGERS)  # building the embedded base takes minutes: show its progress
     cfg = resolve_paths(parse_args(args), REPO)
     tracking_uri = default_tracking_uri(cfg) if cfg.registry.enabled else ""

@@ -188,6 +188,7 @@ def endpoint(assets):
     """Ray (local, 127.0.0.1) + Serve on a free port + the flora app; yields its base URL."""
     import ray
     from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as build_from_config
 
     from serve_apps.flora_server import build_app
 
@@ -200,7 +201,8 @@ def endpoint(assets):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(app_args(assets)), name="flora", route_prefix="/")
+        # As `serve run/deploy <config>` builds it (which checks the builder's signature too).
+        serve.run(build_from_config(build_app, app_args(assets)), name="flora", route_prefix="/")
         yield {"url": f"http://127.0.0.1:{port}", "app_args": app_args(assets), "build_app": build_app}
     finally:
         try:

@@ -147,13 +147,14 @@ def switchable(endpoint):
     """Its own application: one replica of the switchable subclass, checked every second."""
     from ray import serve
 
+    from serve_apps.flora_server import build_app_with
     from tests.serve_apps.faulty_server import SwitchableFloraServer
 
     args = copy.deepcopy(endpoint["app_args"])
     args["deployment"].update(health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=5)
     args["health"] = {"stall_timeout_s": 60, "max_failed_steps": MAX_FAILED_STEPS}
     deployment = serve.deployment(name="flora")(SwitchableFloraServer)
-    serve.run(endpoint["build_app"](args, deployment), name=APP, route_prefix=f"/{APP}")
+    serve.run(build_app_with(args, deployment), name=APP, route_prefix=f"/{APP}")
     try:
         yield {**endpoint, "url": f"{endpoint['url']}/{APP}", "handle": serve.get_deployment_handle("flora", app_name=APP), "app_args": args}
     finally:
