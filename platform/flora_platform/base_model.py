@@ -34,10 +34,12 @@ MARKER_NAME = "flora_embedded_base.json"  # written last: its presence means the
 CACHE_FORMAT = 1  # bump when the build changes, so old caches are not reused
 
 
-def load_base(model: str, dtype=None):
+def load_base(model: str, dtype=None, *, load_in_8bit: bool = False, device=None):
     """(model, tokenizer) from a hub id or a local directory; the tokenizer always has a pad token.
 
-    dtype: a torch dtype (or its name); None keeps the checkpoint's own (transformers' "auto")."""
+    dtype: a torch dtype (or its name); None keeps the checkpoint's own (transformers' "auto").
+    load_in_8bit: bitsandbytes int8 linear weights, placed straight on `device` (a CUDA device;
+        an 8-bit model cannot be moved afterwards). Untested here: no CUDA GPU or bitsandbytes."""
     if looks_like_path(model) and not Path(model).expanduser().exists():
         raise ValueError(f"model {model!r} looks like a local path but does not exist; pass an existing model directory or a hub id")
     model_path = str(Path(model).expanduser()) if looks_like_path(model) else model
@@ -46,10 +48,40 @@ def load_base(model: str, dtype=None):
         if tokenizer.eos_token is None:
             raise ValueError(f"model {model!r}: tokenizer has neither a pad nor an eos token; add one to its tokenizer config")
         tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked; any id will do
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    quantized = {}
+    if load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **quantized)
     if lm.generation_config is not None and lm.generation_config.pad_token_id is None:
         lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return lm, tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (torch's non-reentrant checkpoint: frozen weights and inputs that need no gradient are fine).
+
+    Transformers checkpoints a block only while that block is in training mode, and the
+    fine-tuning loop runs the model in eval mode (`from_pretrained` returns it so and nothing
+    switches it: no dropout). So only the blocks themselves are flagged as training; their
+    submodules keep eval mode. A block that reads its own flag for functional dropout (Whisper's
+    layers) would drop out if its config asked for dropout; Whisper's checkpoints have none."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no checkpointable blocks; set train.gradient_checkpointing=false")
+    for block in blocks:
+        block.training = True
 
 
 def ensure_embedded_base(

@@ -20,6 +20,9 @@ ADAPTER_KINDS = ("flora", "ia3", "lora")
 TASKS = ("text", "speech")  # causal code models on code corpora; Whisper on (audio, transcript) pairs
 # The paper's learning rates (appendix A): multiplicative adapters need larger steps.
 DEFAULT_LR = {"flora": 8e-3, "ia3": 5e-3, "lora": 1e-4}
+BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> torch dtype name
+QUANTIZATIONS = ("none", "8bit")
 
 
 class ConfigError(ValueError):
@@ -67,9 +70,26 @@ class EmbeddedWhisperConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "embedded"  # "embedded", a Hugging Face hub id, or a local directory
+    """name: "embedded", a Hugging Face hub id, or a local directory.
+    dtype: what the frozen base's weights are loaded in. auto: train.precision's (fp32 -> float32,
+        bf16 -> bfloat16, fp16 -> float16), so the base never passes through float32 on its way to
+        a 16-bit run. float32 with a 16-bit train.precision loads in float32 and DeepSpeed casts
+        on the device (the peak of a float32 copy).
+    quantization: none | 8bit (bitsandbytes `load_in_8bit`; refused before any worker starts,
+        see `preflight.check_base_loading`).
+    """
+
+    name: str = "embedded"
+    dtype: str = "auto"
+    quantization: str = "none"
     embedded: EmbeddedBaseConfig = field(default_factory=EmbeddedBaseConfig)
     embedded_whisper: EmbeddedWhisperConfig = field(default_factory=EmbeddedWhisperConfig)  # task=speech
+
+    def __post_init__(self):
+        if self.dtype not in BASE_DTYPES:
+            raise ConfigError("model.dtype", f"{self.dtype!r} is not one of {BASE_DTYPES}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError("model.quantization", f"{self.quantization!r} is not one of {QUANTIZATIONS}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,9 @@ class TrainConfig:
     log_interval: int = 10
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 | bf16 | fp16 (the last two on GPU)
+    # Recompute each transformer block's activations in the backward pass instead of keeping
+    # them: less memory for ~1/3 more compute (see `flora_platform.memory`).
+    gradient_checkpointing: bool = False
     grad_clip: float = 1.0
     seed: int = 0
 
@@ -158,10 +181,15 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1  # fractions let several small runs (search trials) share a node
+    # Memory of each worker's GPU: a run whose estimate (`flora_platform.memory`) exceeds it is
+    # refused before any worker starts, naming what to change. 0: no check (e.g. on CPU).
+    gpu_memory_gb: float = 0
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ConfigError("scaling.num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.gpu_memory_gb < 0:
+            raise ConfigError("scaling.gpu_memory_gb", f"must be >= 0 (0 = no check), got {self.gpu_memory_gb}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
@@ -196,6 +224,19 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ConfigError("task", f"{self.task!r} is not one of {TASKS}")
+        trained = PRECISION_DTYPES[self.train.precision]
+        if self.model.dtype not in ("auto", "float32", trained):
+            # DeepSpeed casts every parameter to train.precision, the adapters too (they take the
+            # base's dtype): a 16-bit base under another precision would be cast again anyway.
+            raise ConfigError(
+                "model.dtype", f"{self.model.dtype} does not match train.precision={self.train.precision}: "
+                f"use model.dtype=auto (= {trained}), or set train.precision to match",
+            )
+
+    @property
+    def base_dtype(self) -> str:
+        """The torch dtype name the frozen base is loaded in (model.dtype, auto resolved)."""
+        return PRECISION_DTYPES[self.train.precision] if self.model.dtype == "auto" else self.model.dtype
 
     @property
     def lr(self) -> float:

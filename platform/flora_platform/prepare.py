@@ -1,7 +1,8 @@
 """Driver-side preparation of a fine-tuning job: everything that can fail before a worker starts.
 
 Corpus → held-out split → base model (the embedded default is built and cached here) → target
-check on a meta-device copy of the model (no weights loaded) → tokenised, packed blocks.
+check on a meta-device copy of the model (no weights loaded) → per-worker memory estimate,
+checked against scaling.gpu_memory_gb → tokenised, packed blocks.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import torch
 
-import flora
 from flora_platform.base_model import ensure_embedded_base
 from flora_platform.config import ConfigError, FinetuneConfig
-from flora_platform.data import load_documents, looks_like_path, pack_blocks, split_documents
+from flora_platform.data import load_documents, pack_blocks, split_documents
+from flora_platform.memory import check_memory
+from flora_platform.preflight import check_base_loading, check_targets, resolve_model_name, spread
+from flora_platform.speech.prepare import PreparedSpeechJob, prepare_speech_job
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +37,6 @@ class PreparedJob:
         return {"task": "text", "train_blocks": ray.put(self.train_blocks), "eval_blocks": ray.put(self.eval_blocks)}
 
 
-def prepare_for_task(cfg: FinetuneConfig):
-    """The prepared job of `cfg.task`: a `PreparedJob`, or a `PreparedSpeechJob` for task=speech.
-    Both have `base_path`, `languages` and `worker_data()`."""
-    if cfg.task == "speech":
-        from flora_platform.speech.prepare import prepare_speech_job
-
-        return prepare_speech_job(cfg)
-    return prepare_job(cfg)
-
-
 def prepare_job(cfg: FinetuneConfig) -> PreparedJob:
     try:
         docs = load_documents(cfg.data)
@@ -54,6 +47,7 @@ def prepare_job(cfg: FinetuneConfig) -> PreparedJob:
         raise ConfigError("data", str(err)) from err
     base_path = resolve_base_model(cfg, train_docs)
     check_targets(cfg, base_path)
+    check_memory(cfg, base_path, n_adapters=len(docs) if cfg.adapter.per_language else 1)
 
     from transformers import AutoTokenizer
 
@@ -65,15 +59,6 @@ def prepare_job(cfg: FinetuneConfig) -> PreparedJob:
     for lang in languages:
         log.info("%s: %d train blocks, %d held-out blocks of %d tokens", lang, len(train_blocks[lang]), len(eval_blocks[lang]), seq_len)
     return PreparedJob(base_path, languages, train_blocks, eval_blocks)
-
-
-def spread(rows, n: int):
-    """`n` rows (blocks of a tensor, or items of a list) evenly spaced over all of them, so that a
-    held-out sample covers every held-out document or speaker, not just the first ones."""
-    if len(rows) <= n:
-        return rows
-    picked = torch.linspace(0, len(rows) - 1, n).round().long()
-    return rows[picked] if isinstance(rows, torch.Tensor) else [rows[i] for i in picked.tolist()]
 
 
 def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) -> str:
@@ -88,36 +73,11 @@ def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) ->
     return resolve_model_name(name)
 
 
-def resolve_model_name(name: str) -> str:
-    """A model directory made absolute (checked to hold a model), or a hub id as given."""
-    if looks_like_path(name) or Path(name).exists():
-        path = Path(name).expanduser()
-        if not (path / "config.json").exists():
-            raise ConfigError("model.name", f"{name}: no model directory (config.json) there")
-        return str(path.resolve())
-    return name  # a hub id: from_pretrained fetches it (needs network or a warm HF cache)
+# The driver-side preparation of each task (config `task`); the workers' side is `train.TASKS`.
+PREPARERS = {"text": prepare_job, "speech": prepare_speech_job}
 
 
-def check_targets(cfg: FinetuneConfig, base_path: str) -> None:
-    """Inject into a weightless (meta-device) copy of the model to check targets and ranks."""
-    from transformers import AutoConfig, AutoModelForCausalLM, WhisperForConditionalGeneration
-
-    from flora_platform.train import adapter_targets
-
-    try:
-        config = AutoConfig.from_pretrained(base_path)
-    except (OSError, ValueError) as err:
-        raise ConfigError("model.name", f"cannot load a model config from {base_path!r}: {err}") from err
-    speech = config.model_type == "whisper"
-    if speech != (cfg.task == "speech"):
-        raise ConfigError(
-            "task", f"{cfg.model.name!r} is a {config.model_type!r} model: task=speech takes Whisper models, "
-            "task=text causal language models"
-        )
-    with torch.device("meta"):
-        model = WhisperForConditionalGeneration(config) if speech else AutoModelForCausalLM.from_config(config)
-    try:
-        targets, _ = adapter_targets(model, cfg.adapter)
-        flora.inject(model, targets, max_slots=2, max_rank=cfg.adapter.rank)
-    except ValueError as err:
-        raise ConfigError("adapter.targets", str(err)) from err
+def prepare_for_task(cfg: FinetuneConfig) -> PreparedJob | PreparedSpeechJob:
+    """The prepared job of `cfg.task`: both kinds have `base_path`, `languages` and `worker_data()`."""
+    check_base_loading(cfg)
+    return PREPARERS[cfg.task](cfg)

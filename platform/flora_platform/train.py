@@ -18,33 +18,21 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import flora
 from flora_platform import checkpoint as ckpt
+from flora_platform.base_model import enable_activation_checkpointing, load_base
+from flora_platform.collectives import all_reduce_sum
 from flora_platform.config import FinetuneConfig, from_dict
 from flora_platform.data import mixed_batches
+from flora_platform.preflight import adapter_targets
+from flora_platform.speech.training import SpeechTask
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- model + adapters
-
-
-def adapter_targets(model, spec) -> tuple[list[str], list[str]]:
-    """(target patterns, IA3 feed-forward patterns) for the adapter kind and architecture."""
-    model_type = model.config.model_type
-    if spec.targets:
-        return list(spec.targets), []
-    if spec.kind == "ia3":
-        if model_type not in flora.IA3_PRESETS:
-            raise ValueError(f"adapter.targets: no IA3 preset for {model_type!r}; name the target modules")
-        targets, feedforward = flora.IA3_PRESETS[model_type]
-        return list(targets), list(feedforward)
-    if model_type not in flora.PRESETS:
-        raise ValueError(f"adapter.targets: no preset for {model_type!r}; name the target modules")
-    return list(flora.PRESETS[model_type]), []
 
 
 def inject_adapters(model, cfg: FinetuneConfig, names: list[str]) -> flora.AdapterBanks:
@@ -89,7 +77,7 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
 #
 # A task is what differs between model families; the worker loop below is shared. It has
 # `languages`, and:
-#   load_model(base_path)                      -> the base model (not yet on the device)
+#   load_model(base_path, dtype)               -> the base model in `dtype` (a torch dtype name), not yet on the device
 #   batches(batch_size, seed, rank, world, s)  -> endless (inputs dict, languages of the rows)
 #   row_losses(model, inputs)                  -> ([B] summed token loss, [B] token count)
 #   eval_batches(lang, rank, world, batch_size)-> this worker's share of the held-out inputs
@@ -116,10 +104,8 @@ class TextTask:
         self.eval_blocks = ray.get(loop_config["eval_blocks"])
         self.languages = sorted(self.train_blocks)
 
-    def load_model(self, base_path: str):
-        from flora_platform.base_model import load_base
-
-        return load_base(base_path)[0]
+    def load_model(self, base_path: str, dtype: str):
+        return load_base(base_path, dtype=dtype)[0]
 
     def batches(self, batch_size, seed, rank, world, start_step):
         for ids, langs in mixed_batches(self.train_blocks, batch_size, seed, rank=rank, world_size=world, start_step=start_step):
@@ -127,7 +113,7 @@ class TextTask:
 
     def row_losses(self, model, inputs):
         ids = inputs["input_ids"]
-        losses = per_row_token_losses(model(input_ids=ids).logits, ids)
+        losses = per_row_token_losses(model(input_ids=ids, use_cache=False).logits, ids)  # no generation: no KV cache
         return losses, torch.full_like(losses, ids.shape[1] - 1)
 
     def eval_batches(self, lang, rank, world, batch_size):
@@ -139,12 +125,12 @@ class TextTask:
         return {}
 
 
-def load_task(loop_config: dict):
-    if loop_config.get("task", "text") == "speech":
-        from flora_platform.speech.training import SpeechTask
+# The workers' side of each task (config `task`); the driver's side is `prepare.PREPARERS`.
+TASKS = {"text": TextTask, "speech": SpeechTask}
 
-        return SpeechTask(loop_config)
-    return TextTask(loop_config)
+
+def load_task(loop_config: dict) -> TextTask | SpeechTask:
+    return TASKS[loop_config.get("task", "text")](loop_config)
 
 
 # --------------------------------------------------------------------------- losses
@@ -158,16 +144,6 @@ def language_sums(row_losses: torch.Tensor, row_tokens: torch.Tensor, row_langs:
         sums[i, 0] += loss
         sums[i, 1] += tokens
     return sums
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        # gloo reduces CPU tensors; NCCL needs them on the GPU.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-        moved = t.to(device)
-        dist.all_reduce(moved)
-        return moved.to(t.device)
-    return t
 
 
 def to_device(inputs: dict, device) -> dict:
@@ -224,8 +200,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # function of no arguments returning a dict.
     report_extras = loop_config.get("report_extras") or dict
 
-    model = task.load_model(loop_config["base_path"])
+    # The frozen base straight in the training dtype (model.dtype); the adapter banks take its
+    # dtype, DeepSpeed's optimizer keeps float32 masters of them under bf16/fp16.
+    model = task.load_model(loop_config["base_path"], cfg.base_dtype)
     model.to(device)
+    if cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     banks = inject_adapters(model, cfg, names)
     start_step, state = 0, {}
     resumed = ray.train.get_checkpoint()
@@ -255,6 +235,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window = torch.zeros(len(languages), 2, dtype=torch.float64)
     step_times: list[float] = []
     window_start = time.perf_counter()
+    metrics_writer = metric_writer(loop_config) if rank == 0 else None
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         inputs, langs = next(batches)
@@ -283,7 +264,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "step %d/%d  loss %.4f  %.0f tokens/s  %.3f s/step",
                     step, cfg.train.steps, metrics["train_loss"], metrics["tokens_per_s"], metrics["step_time_s"],
                 )
-                log_metrics(loop_config, metrics, step)
+                log_metrics(metrics_writer, metrics, step)
             window.zero_()
             window_start = time.perf_counter()
 
@@ -299,9 +280,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
             if rank == 0:
                 log.info("step %d eval: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items() if "/" in k and "perplexity" not in k}))
-                log_metrics(loop_config, metrics, step)
+                log_metrics(metrics_writer, metrics, step)
             state = {"step": step, "base_eval": base_eval, "base_scores": base_scores, "languages": languages}
             report(banks, names, {**metrics, **report_extras()}, state, rank)
+    if metrics_writer:
+        metrics_writer.close()  # sends what an MLflow outage held back
 
 
 def report(banks, names, metrics, state, rank) -> None:
@@ -316,14 +299,21 @@ def report(banks, names, metrics, state, rank) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def log_metrics(loop_config: dict, metrics: dict, step: int) -> None:
-    """Rank 0 writes metrics over time straight into the job's MLflow run."""
+def metric_writer(loop_config: dict):
+    """Rank 0's writer of metrics over time into the job's MLflow run (None without a run):
+    best-effort, so an MLflow outage delays or drops points but never stops training (see
+    `tracking.MetricWriter`)."""
     run_id = loop_config.get("mlflow_run_id")
     if not run_id:
-        return
-    from flora_platform.tracking import log_step_metrics
+        return None
+    from flora_platform.tracking import MetricWriter, client_for
 
-    log_step_metrics(loop_config["tracking_uri"], run_id, metrics, step)
+    return MetricWriter(client_for(loop_config["tracking_uri"]), run_id)
+
+
+def log_metrics(writer, metrics: dict, step: int) -> None:
+    if writer:
+        writer.log(metrics, step)
 
 
 # --------------------------------------------------------------------------- the trainer

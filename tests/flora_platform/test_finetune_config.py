@@ -20,6 +20,8 @@ from .conftest import load_job, tiny_job_overrides, tiny_speech_overrides
         ("adapter.kind=dora", "adapter.kind"),
         ("train.lr=fast", "train.lr"),
         ("tracking.nonsense=1", "tracking.nonsense"),
+        ("model.quantization=8bit", "model.quantization"),  # no CUDA GPU asked for (and no bitsandbytes)
+        ("model.dtype=bfloat16", "model.dtype"),  # train.precision is fp32
     ],
 )
 def test_bad_config_fails_before_any_worker(tmp_path, override, field):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flora_platform.config import ConfigError, FinetuneConfig
-from flora_platform.prepare import check_targets, resolve_model_name, spread
+from flora_platform.preflight import check_targets, resolve_model_name, spread
 from flora_platform.speech.audio import TARGET_RATE
 from flora_platform.data import looks_like_path
 from flora_platform.speech.corpus import (
@@ -47,6 +47,9 @@ class PreparedSpeechJob:
 
 
 def prepare_speech_job(cfg: FinetuneConfig) -> PreparedSpeechJob:
+    if cfg.scaling.gpu_memory_gb:
+        raise ConfigError("scaling.gpu_memory_gb", "the memory estimate covers causal code models (task=text) only; "
+                                                   "set 0 for task=speech")
     examples = read_examples(cfg)
     train, held_out = split_examples(examples, cfg.speech.eval_fraction, cfg.speech.seed)
     held_out = {lang: spread(rows, cfg.speech.eval_examples) for lang, rows in held_out.items()}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import flora
+from flora_platform.collectives import all_reduce_sum
 from flora_platform.config import FinetuneConfig, from_dict
 from flora_platform.data import mixed_batches
 from flora_platform.speech.corpus import SpeechExample
@@ -32,8 +33,8 @@ class SpeechTask:
         self.languages = sorted(self.train)
         self.processor = None
 
-    def load_model(self, base_path: str):
-        model, self.processor = load_speech_model(base_path)
+    def load_model(self, base_path: str, dtype: str):
+        model, self.processor = load_speech_model(base_path, dtype=dtype)
         return model
 
     def batches(self, batch_size: int, seed: int, rank: int, world: int, start_step: int) -> Iterator[tuple[dict, list[str]]]:
@@ -63,8 +64,6 @@ class SpeechTask:
     @torch.no_grad()
     def score(self, model, route_names, rank: int, world: int, batch_size: int, device) -> dict[str, float]:
         """Word error rate per language, unnormalised (as the paper) and normalised."""
-        from flora_platform.train import all_reduce_sum
-
         counts = torch.zeros(len(self.languages), 4, dtype=torch.float64)  # errors, words, normalised both
         for i, lang in enumerate(self.languages):
             for rows in self.held_out_rows(lang, rank, world, batch_size):
