@@ -153,7 +153,11 @@ class TrainConfig:
     seq_len: int = 128
     lr: float = 0.0  # 0 = the paper's value for the adapter kind
     warmup_steps: int = 10
-    eval_interval: int = 50  # steps between held-out evaluations and checkpoints
+    eval_interval: int = 50  # steps between held-out evaluations
+    # Steps between checkpoints (adapters, every rank's optimizer shard, scheduler, RNG, data
+    # position): a restarted worker group continues exactly where the last one left off.
+    # 0 = checkpoint with every evaluation.
+    checkpoint_interval: int = 0
     eval_blocks: int = 64  # held-out blocks per language, spread over its documents
     log_interval: int = 10
     zero_stage: int = 2
@@ -170,10 +174,19 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.lr < 0:
             raise ConfigError("train.lr", f"must be >= 0 (0 = the paper's default), got {self.lr}")
+        if self.checkpoint_interval < 0:
+            raise ConfigError(
+                "train.checkpoint_interval", f"must be >= 0 (0 = train.eval_interval), got {self.checkpoint_interval}"
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("train.zero_stage", f"must be 0..3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError("train.precision", f"must be fp32, bf16 or fp16, got {self.precision!r}")
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints: `checkpoint_interval`, or `eval_interval` when it is 0."""
+        return self.checkpoint_interval or self.eval_interval
 
 
 @dataclass(frozen=True)

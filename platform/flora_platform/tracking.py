@@ -161,7 +161,8 @@ class MetricWriter:
     the log that made them), `dropped_points` (points never sent). Resending is safe: a point keeps
     its timestamp, and MLflow's SQL store keeps one row per (key, value, timestamp, step).
     Points still buffered when the worker dies are lost uncounted; the restarted worker redoes the
-    steps after its checkpoint and logs those again, into the same run.
+    steps after its checkpoint exactly and logs the points the run does not hold yet (those are
+    the lost ones; `train.logged_points`), into the same run.
     """
 
     def __init__(

@@ -1,8 +1,9 @@
 """Fine-tuning on Ray Train + DeepSpeed: one adapter per language, trained in shared mixed batches.
 
 `train_loop_per_worker` is the whole worker: load the base model, inject adapter banks, start
-every adapter at the base model (or from the last checkpoint), then DeepSpeed steps over the
-adapter rows only. Each example is routed through its language's adapter, so N adapters train
+every adapter at the base model (or from the last checkpoint: adapters, optimizer, scheduler, RNG
+and data position, so a resumed run continues exactly), then DeepSpeed steps over the adapter
+rows only. Each example is routed through its language's adapter, so N adapters train
 for the price of one batch. `build_trainer` wires it into a `TorchTrainer`. What depends on the
 model family (data, loss, extra held-out scores) is the task's: `TextTask` here for code models,
 `flora_platform.speech.training.SpeechTask` for Whisper (held-out WER).
@@ -207,23 +208,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     banks = inject_adapters(model, cfg, names)
-    start_step, state = 0, {}
+    start_step, state, rank_state = 0, {}, None
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
             state = ckpt.load_checkpoint(d, banks)
+            rank_state = ckpt.load_rank_state(d, rank)
         start_step = state["step"]
+        check_resumable(state, rank_state, world, start_step)
         log.info("rank %d: resuming from step %d", rank, start_step)
 
     params = banks.trainable_parameters(names)
     # No weight decay: it would pull the masked (other slots') rows, e.g. the base slot's ones, to zero.
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.train.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1 + start_step) / warmup))
+    # An adapters-only checkpoint has no scheduler state: restart the schedule at its step.
+    offset = start_step if resumed and rank_state is None else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1 + offset) / warmup))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
         config=deepspeed_config(cfg), dist_init_required=False,
     )
+    # This rank's share of the train loss since the last logged step: [n_lang, 2].
+    window = torch.zeros(len(languages), 2, dtype=torch.float64)
+    if rank_state is not None:
+        restore_training_state(engine, scheduler, rank_state, rank, world)
+        window = rank_state["window"]
 
     batch_size = cfg.train.batch_size
     base = lambda lang: None  # noqa: E731
@@ -231,11 +241,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     base_scores = state.get("base_scores")
     if base_scores is None:
         base_scores = task.score(engine.module, base, rank, world, batch_size, device)
+    # The held-out metrics of the adapters so far, sent with reports between evaluations (a
+    # search's scheduler needs its metric in every report); at step 0 the adapters are the base.
+    last_eval = state.get("last_eval") or {
+        **eval_metrics("eval", base_eval, base_scores), **eval_metrics("base_eval", base_eval, base_scores), "step": 0,
+    }
     batches = task.batches(batch_size, cfg.train.seed, rank, world, start_step)
-    window = torch.zeros(len(languages), 2, dtype=torch.float64)
     step_times: list[float] = []
     window_start = time.perf_counter()
     metrics_writer = metric_writer(loop_config) if rank == 0 else None
+    # Points the MLflow run already holds: those of the steps a worker logged after its last
+    # checkpoint and before it died. Resuming is exact, so this run would log the same losses
+    # again; it skips them instead, and the run holds each step once.
+    logged = logged_points(loop_config) if rank == 0 else set()
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         inputs, langs = next(batches)
@@ -264,11 +282,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "step %d/%d  loss %.4f  %.0f tokens/s  %.3f s/step",
                     step, cfg.train.steps, metrics["train_loss"], metrics["tokens_per_s"], metrics["step_time_s"],
                 )
-                log_metrics(metrics_writer, metrics, step)
+                log_metrics(metrics_writer, metrics, step, logged)
             window.zero_()
             window_start = time.perf_counter()
 
-        if step % cfg.train.eval_interval == 0 or last:
+        evaluating = step % cfg.train.eval_interval == 0 or last
+        if evaluating:
             adapted = evaluate(engine.module, task, to_adapter, batch_size, device, rank, world)
             scores = task.score(engine.module, to_adapter, rank, world, batch_size, device)
             metrics = {
@@ -280,23 +299,74 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
             if rank == 0:
                 log.info("step %d eval: %s", step, json.dumps({k: round(v, 4) for k, v in metrics.items() if "/" in k and "perplexity" not in k}))
-                log_metrics(metrics_writer, metrics, step)
-            state = {"step": step, "base_eval": base_eval, "base_scores": base_scores, "languages": languages}
-            report(banks, names, {**metrics, **report_extras()}, state, rank)
+                log_metrics(metrics_writer, metrics, step, logged)
+            last_eval = metrics
+        if evaluating or step % cfg.train.checkpoint_every == 0:
+            # Every report carries a checkpoint: the last one is then never older than the last
+            # evaluation, and every worker reports the same number of times (report is a barrier).
+            state = {
+                "step": step, "world_size": world, "base_eval": base_eval, "base_scores": base_scores,
+                "languages": languages, "last_eval": last_eval,
+            }
+            metrics = last_eval if evaluating else {**last_eval, "checkpoint_step": step}
+            own = training_state(engine, scheduler, step, window)
+            report(banks, names, {**metrics, **report_extras()}, state, own, rank)
     if metrics_writer:
         metrics_writer.close()  # sends what an MLflow outage held back
 
 
-def report(banks, names, metrics, state, rank) -> None:
-    """Every worker reports (it is a barrier); rank 0 attaches the adapters-only checkpoint."""
+def training_state(engine, scheduler, step: int, window: torch.Tensor) -> dict:
+    """What this rank needs, besides the adapters, to continue after `step` as if never stopped."""
+    return {
+        "step": step,
+        "optimizer": engine.optimizer.state_dict(),  # under ZeRO: this rank's partition
+        "scheduler": scheduler.state_dict(),
+        "rng": ckpt.rng_states(),
+        "window": window.clone(),  # train-loss sums not yet logged
+    }
+
+
+def report(banks, names, metrics, state, rank_state, rank) -> None:
+    """Every worker reports (it is a barrier) a checkpoint with its own `rank_state`; rank 0's
+    also holds the adapters and `state`. Ray Train merges the workers' files into one checkpoint."""
     import ray.train
 
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save_checkpoint(tmp, banks, names, state)
+        if rank == 0:
+            ckpt.save_checkpoint(tmp, banks, names, state)
+        ckpt.save_rank_state(tmp, rank, rank_state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def check_resumable(state: dict, rank_state: dict | None, world: int, step: int) -> None:
+    saved_world = state.get("world_size", world)
+    if saved_world != world:
+        # Each rank's optimizer file holds its ZeRO partition, cut for the saved world size.
+        raise ValueError(
+            f"the checkpoint at step {step} was written by {saved_world} workers and {world} resume it; "
+            f"set scaling.num_workers={saved_world}, or start a new run (run.name)"
+        )
+    if rank_state is None:
+        log.warning("the checkpoint at step %d holds the adapters only: the optimizer's moments restart "
+                    "from zero and the learning-rate schedule from its step", step)
+    else:
+        assert rank_state["step"] == step, (rank_state["step"], step)
+
+
+def restore_training_state(engine, scheduler, rank_state: dict, rank: int, world: int) -> None:
+    """Load this rank's optimizer state (its shard under ZeRO), scheduler and RNG states."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    optimizer = engine.optimizer
+    if isinstance(optimizer, ZeROOptimizer):
+        # ZeRO's loader takes every rank's state and picks its own; the fp32 masters come from
+        # the checkpoint, not from the (possibly bf16) adapters, so nothing is rounded.
+        shards = [rank_state["optimizer"] if r == rank else None for r in range(world)]
+        optimizer.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        optimizer.load_state_dict(rank_state["optimizer"])
+    scheduler.load_state_dict(rank_state["scheduler"])
+    ckpt.set_rng_states(rank_state["rng"])
 
 
 def metric_writer(loop_config: dict):
@@ -311,9 +381,30 @@ def metric_writer(loop_config: dict):
     return MetricWriter(client_for(loop_config["tracking_uri"]), run_id)
 
 
-def log_metrics(writer, metrics: dict, step: int) -> None:
-    if writer:
-        writer.log(metrics, step)
+def logged_points(loop_config: dict) -> set[tuple[str, int]]:
+    """(key, step) of every metric point the job's MLflow run holds; empty without a run, or
+    (with a warning) when MLflow does not answer: then replayed steps may be logged twice."""
+    run_id = loop_config.get("mlflow_run_id")
+    if not run_id:
+        return set()
+    from flora_platform.tracking import client_for, mlflow_http
+
+    client = client_for(loop_config["tracking_uri"])
+    try:
+        with mlflow_http(max_retries=2, timeout_s=10):
+            keys = client.get_run(run_id).data.metrics
+            return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
+    except Exception as err:  # noqa: BLE001 - best effort, like MetricWriter: training goes on
+        log.warning("MLflow run %s: could not read its metrics (%s); steps replayed since the last "
+                    "checkpoint may be logged twice", run_id, err)
+        return set()
+
+
+def log_metrics(writer, metrics: dict, step: int, logged: set[tuple[str, int]]) -> None:
+    """Log the points of `metrics` at `step` that the run does not hold yet (`logged`)."""
+    new = {key: value for key, value in metrics.items() if (key, step) not in logged}
+    if writer and new:
+        writer.log(new, step)
 
 
 # --------------------------------------------------------------------------- the trainer

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import flora
 from flora_platform import tracking
@@ -88,10 +89,36 @@ def _kill_one_worker_after_first_checkpoint(storage: Path, killed: list, stop: t
         time.sleep(0.2)
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_local, tmp_path):
+def _run_adapters(cfg: FinetuneConfig, out: dict, dst: Path) -> dict:
+    """The run's registered adapters: name -> {tensor name: tensor}."""
+    return {
+        name: flora.load_adapter(tracking.download_model(cfg.tracking_uri, uri, dst / name)).tensors
+        for name, uri in out["adapter_uris"].items()
+    }
+
+
+def _history(cfg: FinetuneConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+    points = tracking.client_for(cfg.tracking_uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in points)
+
+
+def test_killed_worker_resumes_exactly_where_it_stopped(ray_local, tmp_path):
+    """A run whose worker is killed mid-way ends where an uninterrupted run ends: the same
+    adapters, bit for bit, and the same loss at every step, each logged to MLflow once.
+
+    Checkpoints every 7 steps, evaluations every 40, the loss logged every step: a checkpoint
+    falls between evaluations and log steps alike, and the killed run has logged steps past its
+    last checkpoint that the resumed one redoes."""
     finetune = load_job("finetune")
-    overrides = tiny_job_overrides(tmp_path, **{"train.steps": 120, "train.eval_interval": 10, "train.log_interval": 10})
-    cfg = load_config(FinetuneConfig, None, overrides)
+    settings = {
+        "train.steps": 120, "train.eval_interval": 40, "train.checkpoint_interval": 7, "train.log_interval": 1,
+        "model.embedded.cache_dir": str(tmp_path.parent / "base-cache"),  # the module's shared base
+    }
+    ref_cfg = load_config(FinetuneConfig, None, tiny_job_overrides(tmp_path / "reference", **settings))
+    reference = finetune.run(ref_cfg)
+    assert reference["metrics"]["resumed_from_step"] == 0
+
+    cfg = load_config(FinetuneConfig, None, tiny_job_overrides(tmp_path / "killed", **settings))
     killed, stop = [], threading.Event()
     killer = threading.Thread(
         target=_kill_one_worker_after_first_checkpoint, args=(Path(cfg.storage_path), killed, stop), daemon=True
@@ -103,7 +130,24 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tmp_path):
         stop.set()
         killer.join(timeout=10)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
-    # The worker group restarted from a checkpoint, not from step 0, and finished the schedule.
-    assert out["metrics"]["resumed_from_step"] >= 10
+    # The worker group restarted from a checkpoint (one every 7 steps), not from step 0, and
+    # finished the schedule.
+    resumed_from = out["metrics"]["resumed_from_step"]
+    assert resumed_from >= 7 and resumed_from % 7 == 0, resumed_from
     assert out["metrics"]["step"] == 120
     assert tracking.client_for(cfg.tracking_uri).get_run(out["run_id"]).info.status == "FINISHED"
+
+    # Exact on CPU: the same data stream, optimizer moments, lr schedule, RNG and loss window.
+    ours, theirs = _run_adapters(cfg, out, tmp_path / "a"), _run_adapters(ref_cfg, reference, tmp_path / "b")
+    assert ours.keys() == theirs.keys() == {"python", "c"}
+    for name in ours:
+        assert ours[name].keys() == theirs[name].keys()
+        for key, tensor in ours[name].items():
+            assert torch.equal(tensor, theirs[name][key]), (name, key)
+    assert out["metrics"]["eval_loss/mean"] == reference["metrics"]["eval_loss/mean"]
+    for key in ("train_loss", "train_loss/python", "lr"):
+        history = _history(cfg, out["run_id"], key)
+        assert [step for step, _ in history] == list(range(1, 121)), key  # each step once
+        assert history == _history(ref_cfg, reference["run_id"], key), key
+    eval_steps = [step for step, _ in _history(cfg, out["run_id"], "eval_loss/mean")]
+    assert eval_steps == [40, 80, 120]
