@@ -400,9 +400,15 @@ def logged_points(loop_config: dict) -> set[tuple[str, int]]:
         return set()
 
 
+# Figures of the attempt, not of the training: a replayed step logs them anew (the latest point
+# at a step is the newest), so a resumed run's evaluations say where it resumed from.
+ATTEMPT_METRICS = frozenset({"resumed_from_step"})
+
+
 def log_metrics(writer, metrics: dict, step: int, logged: set[tuple[str, int]]) -> None:
-    """Log the points of `metrics` at `step` that the run does not hold yet (`logged`)."""
-    new = {key: value for key, value in metrics.items() if (key, step) not in logged}
+    """Log the points of `metrics` at `step` that the run does not hold yet (`logged`); those of
+    `ATTEMPT_METRICS` always."""
+    new = {key: value for key, value in metrics.items() if key in ATTEMPT_METRICS or (key, step) not in logged}
     if writer and new:
         writer.log(new, step)
 

@@ -6,7 +6,7 @@ one by one (so server-sent events still stream, and cancelling the call cancels 
     async for message in run_asgi(app, request): # on an engine replica: http.response.* messages
         ...
     status, body = await collect(app, request)   # the whole answer, JSON parsed (broadcasts)
-    model = requested_model(method, path, headers, body)  # what routing keys on
+    model = requested_model(method, path, body)  # what routing keys on
 
 No Ray here: the Serve side (handles, multiplexing) is in `serve_apps/flora_server.py`.
 """
