@@ -59,7 +59,8 @@ def run(cfg: FinetuneConfig) -> dict:
     run_id = tracking.start_or_resume_run(
         cfg.tracking_uri, cfg.tracking.experiment, cfg.run.name, flat_params(cfg),
         tags={"base_model": job.base_path if cfg.model.name == "embedded" else cfg.model.name,
-              "adapter_kind": cfg.adapter.kind, "rank": str(cfg.adapter.rank), "task": cfg.task},
+              "adapter_kind": cfg.adapter.kind, "rank": str(cfg.adapter.rank), "task": cfg.task,
+              **(job.tags if cfg.task == "speech" else {})},  # the espeak-ng that spoke the embedded corpus
     )
     log.info("MLflow run %s at %s", run_id, cfg.tracking_uri)
     loop_config = {

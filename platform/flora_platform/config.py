@@ -65,6 +65,7 @@ class EmbeddedWhisperConfig:
     pretrain_steps: int = 8000
     pretrain_lr: float = 2e-3
     pretrain_ctc_weight: float = 0.5
+    pretrain_threads: int = 1  # torch threads of pre-training: the weights depend on it, not on the core count
     cache_dir: str = "~/.cache/flora/whisper"
 
 
@@ -160,6 +161,11 @@ class TrainConfig:
     checkpoint_interval: int = 0
     eval_blocks: int = 64  # held-out blocks per language, spread over its documents
     log_interval: int = 10
+    # DeepSpeed ZeRO stage. 0..2 partition only what the optimizer holds (the adapters'): every
+    # worker keeps the whole frozen base. 3 also shards the base's weights across the workers
+    # (1/num_workers each, gathered per module while it runs); the adapters train and export
+    # as under 2 (tests/flora_platform/test_finetune_zero3.py). Workers still load the whole
+    # base before DeepSpeed shards it.
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 | bf16 | fp16 (the last two on GPU)
     # Recompute each transformer block's activations in the backward pass instead of keeping
@@ -237,6 +243,11 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ConfigError("task", f"{self.task!r} is not one of {TASKS}")
+        if self.task == "speech" and self.train.zero_stage == 3:
+            # ZeRO-3 makes every forward a collective; held-out WER decodes as many tokens as each
+            # rank's utterances need, so the ranks' forwards would not line up.
+            raise ConfigError("train.zero_stage", "3 is for text models; the speech task's held-out decoding "
+                              "cannot run under ZeRO-3: use 2 (Whisper bases fit one GPU)")
         trained = PRECISION_DTYPES[self.train.precision]
         if self.model.dtype not in ("auto", "float32", trained):
             # DeepSpeed casts every parameter to train.precision, the adapters too (they take the

@@ -87,6 +87,15 @@ class CorpusConfig:
         warning; explicit sources keep everything they were given.
     max_scan_rows: rows read from a parquet/jsonl/hub source before sampling; bounds a streamed
         hub dataset, which may be terabytes.
+    The caps bound the sample `load_documents` keeps in memory: the held-out split is drawn from
+    it (and an embedded base's tokenizer learns from it). Training streams every other document
+    of the source (`flora_platform.streaming`):
+    shuffle_blocks: blocks each worker's shuffle buffer holds per language.
+    stream_cpus: CPUs each Ray Data task of the stream (reading, tokenising) reserves. 0, the
+        default, reserves none: the tasks share the node's CPUs with the training workers, which
+        otherwise hold every CPU of a small or fully booked cluster (a search's trials) and
+        would wait forever for their data.
+    stream_tasks: Ray Data tasks that run at once per stage of each worker's stream of a language.
     """
 
     source: str = EMBEDDED
@@ -98,6 +107,9 @@ class CorpusConfig:
     max_file_bytes: int = 30_000
     min_bytes_per_language: int = 50_000
     max_scan_rows: int = 1_000_000
+    shuffle_blocks: int = 256
+    stream_cpus: float = 0.0
+    stream_tasks: int = 1
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():
@@ -106,7 +118,9 @@ class CorpusConfig:
             raise ValueError(f"languages must be a list of names, got the string {self.languages!r}; write [{self.languages!r}]")
         # YAML gives lists; keep the dataclass hashable and the names in one spelling.
         object.__setattr__(self, "languages", tuple(normalize_language(lang) for lang in self.languages))
-        for name in ("max_files_per_language", "max_bytes_per_language", "max_file_bytes", "max_scan_rows"):
+        if not self.stream_cpus >= 0:
+            raise ValueError(f"stream_cpus must be >= 0, got {self.stream_cpus}")
+        for name in ("max_files_per_language", "max_bytes_per_language", "max_file_bytes", "max_scan_rows", "shuffle_blocks", "stream_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_bytes_per_language < 0:
@@ -150,8 +164,12 @@ def load_documents(cfg: CorpusConfig) -> dict[str, list[str]]:
     elif path.exists():
         dataset_files = _dataset_files(path)
         if dataset_files:
+            found = set()
+            if cfg.languages:  # The Stack's per-language files: read only the wanted ones
+                found = {lang for f in dataset_files if f.suffix == ".parquet" for lang in parquet_languages(f) or ()}
+                dataset_files = [f for f in dataset_files if may_hold(f, set(cfg.languages))]
             logger.info("reading %d parquet/jsonl file(s) from %s", len(dataset_files), path)
-            docs = _sample_records(_iter_files_records(dataset_files), cfg)
+            docs = _sample_records(_iter_files_records(dataset_files), cfg, found)
         else:
             logger.info("reading source tree %s", path)
             docs = _read_candidates(_tree_candidates(path), cfg)
@@ -374,6 +392,30 @@ def _dataset_files(path: Path) -> list[Path]:
     return []
 
 
+def parquet_languages(path: Path) -> set[str] | None:
+    """The languages a parquet file holds, from its row-group statistics of `lang` when each row
+    group holds one value (The Stack's layout: a folder per language); None when unknown."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    column = meta.schema.to_arrow_schema().get_field_index("lang")
+    if column < 0:
+        return None
+    found = set()
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max or stats.min != stats.max:
+            return None
+        found.add(normalize_language(stats.min))
+    return found
+
+
+def may_hold(path: Path, languages: set[str]) -> bool:
+    """False only when `path`'s metadata proves it holds none of `languages` (then it is not read)."""
+    held = parquet_languages(path) if path.suffix == ".parquet" else None
+    return held is None or bool(held & languages)
+
+
 def _iter_files_records(files: list[Path]) -> Iterator[tuple[str, str]]:
     """(lang, content) rows of parquet and jsonl files, in file order."""
     import pyarrow.parquet as pq  # only needed for this source
@@ -416,12 +458,13 @@ def _iter_hub_records(dataset_id: str) -> Iterator[tuple[str, str]]:
         yield row["lang"], row["content"]
 
 
-def _sample_records(records: Iterator[tuple[str, str]], cfg: CorpusConfig) -> dict[str, list[str]]:
-    """Per language, a uniform seeded sample (reservoir sampling: one pass, bounded memory)."""
+def _sample_records(records: Iterator[tuple[str, str]], cfg: CorpusConfig, found: set[str] = frozenset()) -> dict[str, list[str]]:
+    """Per language, a uniform seeded sample (reservoir sampling: one pass, bounded memory);
+    `found`: languages known to be in the source without reading their rows."""
     reservoirs: dict[str, list[str]] = {}
     rngs: dict[str, random.Random] = {}
     seen_counts: dict[str, int] = {}
-    found: set[str] = set()
+    found = set(found)
     wanted = set(cfg.languages)
     for n_rows, (raw_lang, content) in enumerate(records):
         if n_rows == cfg.max_scan_rows:

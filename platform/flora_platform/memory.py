@@ -4,10 +4,13 @@ The shape comes from the model's config alone: the model is built on the meta de
 weights, no download beyond config.json) to count its parameters, and adapter banks are injected
 into it to count theirs. Semantics, in bytes per worker, for N workers under ZeRO stage z:
 
-    weights      P·w                       the frozen base, whole on every worker: the job hands
-                                           DeepSpeed the adapter parameters only, so ZeRO
-                                           partitions their gradients and optimizer states, never
-                                           the base (sharding the base is not built)
+    weights      P·w                       z <= 2: the frozen base, whole on every worker (ZeRO
+                                           1/2 partition only the optimizer's tensors: the adapters')
+                 P·w/N + G·w               z = 3: this worker's partition of the base, plus the
+                                           parameters all-gathered at once while a forward or
+                                           backward runs: G = min(P, live + prefetch), DeepSpeed's
+                                           stage3_max_live_parameters and prefetch bucket, which
+                                           the job pins (`ZERO3_*` below)
     adapters     Pa·t                      the adapter banks, in the training dtype
     gradients    Pa·t / (N if z >= 2 else 1)
     optimizer    Pa·(8 + m) / (N if z >= 1 else 1)
@@ -48,6 +51,10 @@ from flora_platform.preflight import adapter_targets
 log = logging.getLogger(__name__)
 
 GB = 1e9
+# ZeRO-3's bounds on gathered (whole) parameters, in parameters: the job's DeepSpeed config sets
+# these (DeepSpeed's defaults), so the estimate of a sharded base counts what the run keeps.
+ZERO3_LIVE_PARAMETERS = 10**9
+ZERO3_PREFETCH_PARAMETERS = 5 * 10**7
 OVERHEAD_BYTES = 2 * GB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -108,7 +115,10 @@ def block_activation_bytes(shape: ModelShape, s: Setting) -> float:
 def estimate_memory(shape: ModelShape, s: Setting) -> MemoryEstimate:
     """Per-worker bytes of a run (see the module's docstring for each term)."""
     n = s.num_workers
-    weights = shape.parameters * s.weight_bytes  # replicated whatever the ZeRO stage (module docstring)
+    weights = shape.parameters * s.weight_bytes  # replicated under ZeRO 0..2 (module docstring)
+    if s.zero_stage == 3:
+        gathered = min(shape.parameters, ZERO3_LIVE_PARAMETERS + ZERO3_PREFETCH_PARAMETERS)
+        weights = (shape.parameters / n + gathered) * s.weight_bytes
     pa = shape.adapter_parameters
     master = 4 if s.train_bytes < 4 else 0
     if s.checkpointing:
@@ -229,7 +239,8 @@ STARCODER_SHAPES = {
 def starcoder_table(gpu_memory_gb: float = 80, seq_len: int = 2048, n_adapters: int = 4) -> str:
     """Markdown: the estimate for StarCoder 1B/3B/15B in bf16 with the default adapter (FLoRA
     rank 4 on the preset targets, `n_adapters` of them), micro-batch 1 and 8, checkpointing off
-    and on, per worker (the base replicated, see the module docstring), against `gpu_memory_gb`."""
+    and on, per worker: one worker (ZeRO-2, the base whole) and 8 workers under ZeRO-3 (the base
+    sharded, see the module docstring), against `gpu_memory_gb`."""
     from transformers import GPTBigCodeConfig
 
     adapter = FinetuneConfig().adapter
@@ -241,7 +252,7 @@ def starcoder_table(gpu_memory_gb: float = 80, seq_len: int = 2048, n_adapters: 
     for name, dims in STARCODER_SHAPES.items():
         config = GPTBigCodeConfig(vocab_size=49152, n_positions=8192, multi_query=True, bos_token_id=0, eos_token_id=0, **dims)
         shape = model_shape(config, adapter, n_adapters)
-        for workers, stage in ((1, 2),):
+        for workers, stage in ((1, 2), (8, 3)):
             for batch in (1, 8):
                 for checkpointing in (False, True):
                     s = Setting(seq_len=seq_len, micro_batch=batch, weight_bytes=2, train_bytes=2,

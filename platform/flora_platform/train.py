@@ -26,9 +26,9 @@ from flora_platform import checkpoint as ckpt
 from flora_platform.base_model import enable_activation_checkpointing, load_base
 from flora_platform.collectives import all_reduce_sum
 from flora_platform.config import FinetuneConfig, from_dict
-from flora_platform.data import mixed_batches
 from flora_platform.preflight import adapter_targets
 from flora_platform.speech.training import SpeechTask
+from flora_platform.streaming import TrainStream
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,52 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
         "zero_optimization": {"stage": t.zero_stage},
         "steps_per_print": 10**9,  # progress is ours
     }
+    if t.zero_stage == 3:
+        # ZeRO-3 partitions every parameter of the model, the frozen base included (1/world of
+        # each tensor per rank) and all-gathers a module's own parameters around its forward and
+        # backward. An `AdaptedLinear` reads its child's `base.weight` without calling the child:
+        # DeepSpeed's external-parameter discovery gathers it on the first access and registers
+        # it with the adapted layer, whose hooks fetch it from then on (tests/flora_platform/
+        # test_finetune_zero3.py). Not `leaf_module`: with the adapted layers as leaves the
+        # backward sees empty bank gradients. How many gathered parameters stay whole at once
+        # is pinned here, as `memory.estimate_memory` counts them.
+        from flora_platform.memory import ZERO3_LIVE_PARAMETERS, ZERO3_PREFETCH_PARAMETERS
+
+        config["zero_optimization"].update(
+            stage3_max_live_parameters=ZERO3_LIVE_PARAMETERS, stage3_prefetch_bucket_size=ZERO3_PREFETCH_PARAMETERS,
+        )
     if t.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         config["fp16"] = {"enabled": True}
     return config
+
+
+def empty_parameters_to_buffers(model: torch.nn.Module) -> None:
+    """Hold the model's empty parameters (the LoRA banks of a FLoRA run, sized for no rows) as
+    buffers: ZeRO-3 partitions and all-gathers every parameter and cannot gather an empty one."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.numel() == 0:
+                del module._parameters[name]
+                module.register_buffer(name, param.data)
+
+
+def gathered_adapters(banks: flora.AdapterBanks):
+    """A context in which this rank holds every adapter bank whole, to read (export) them.
+
+    Under ZeRO-3 the banks are partitioned like the base: outside a forward a rank holds 1/world
+    of each (`param.data` is empty). Every rank must enter it together (it all-gathers, read-only:
+    nothing is written back); without ZeRO-3 it does nothing.
+    """
+    import contextlib
+
+    params = [p for layer in banks.layers.values() for p in layer.parameters(recurse=False)]
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -95,27 +136,43 @@ def per_row_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch
     return losses.view(b, l - 1).sum(1)
 
 
+def causal_row_losses(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's ([B] summed next-token loss, [B] predicted tokens) on packed `input_ids` [B, L]."""
+    ids = inputs["input_ids"]
+    losses = per_row_token_losses(model(input_ids=ids, use_cache=False).logits, ids)  # no generation: no KV cache
+    return losses, torch.full_like(losses, ids.shape[1] - 1)
+
+
 class TextTask:
-    """Causal code models on packed token blocks: next-token loss at every position."""
+    """Causal code models on packed token blocks: next-token loss at every position. Training
+    blocks stream through Ray Data (`flora_platform.streaming`); held-out blocks are in memory."""
 
     def __init__(self, loop_config: dict):
         import ray
 
-        self.train_blocks = ray.get(loop_config["train_blocks"])  # lang -> [n, L]
-        self.eval_blocks = ray.get(loop_config["eval_blocks"])
-        self.languages = sorted(self.train_blocks)
+        self.loop_config = loop_config
+        self.eval_blocks = ray.get(loop_config["eval_blocks"])  # lang -> [n, L]
+        self.languages = sorted(self.eval_blocks)
 
     def load_model(self, base_path: str, dtype: str):
         return load_base(base_path, dtype=dtype)[0]
 
     def batches(self, batch_size, seed, rank, world, start_step):
-        for ids, langs in mixed_batches(self.train_blocks, batch_size, seed, rank=rank, world_size=world, start_step=start_step):
+        import ray
+
+        lc = self.loop_config
+        cfg = from_dict(FinetuneConfig, lc["config"])
+        stream = TrainStream(
+            lc["train_sources"], tokenizer_path=lc["base_path"], held_out=ray.get(lc["held_out"]),
+            seq_len=cfg.train.seq_len, batch_size=batch_size, seed=seed, rank=rank, world=world,
+            data=cfg.data,
+        )
+        for ids, langs in stream.batches(start_step):
             yield {"input_ids": ids}, langs
 
-    def row_losses(self, model, inputs):
-        ids = inputs["input_ids"]
-        losses = per_row_token_losses(model(input_ids=ids, use_cache=False).logits, ids)  # no generation: no KV cache
-        return losses, torch.full_like(losses, ids.shape[1] - 1)
+    @staticmethod
+    def row_losses(model, inputs):
+        return causal_row_losses(model, inputs)
 
     def eval_batches(self, lang, rank, world, batch_size):
         shard = self.eval_blocks[lang][rank::world]
@@ -157,13 +214,21 @@ def evaluate(model, task, route_names, batch_size, device, rank, world) -> dict[
     languages = task.languages
     sums = torch.zeros(len(languages), 2, dtype=torch.float64)
     for i, lang in enumerate(languages):
-        for inputs in task.eval_batches(lang, rank, world, batch_size):
+        batches = list(task.eval_batches(lang, rank, world, batch_size))
+        # Under ZeRO-3 every forward all-gathers the base with the other ranks: each rank runs as
+        # many as the busiest one, the extra ones on a batch whose losses are not counted.
+        counts = torch.zeros(world, dtype=torch.float64)
+        counts[rank] = len(batches)
+        extra = int(all_reduce_sum(counts).max().item()) - len(batches)
+        filler = next(iter(task.eval_batches(lang, 0, 1, batch_size))) if extra else None
+        for n, inputs in enumerate(batches + [filler] * extra):
             inputs = to_device(inputs, device)
             rows = next(iter(inputs.values())).shape[0]
             with flora.route(model, [route_names(lang)] * rows):
                 row_losses, row_tokens = task.row_losses(model, inputs)
-            sums[i, 0] += row_losses.double().sum().cpu()
-            sums[i, 1] += row_tokens.double().sum().cpu()
+            if n < len(batches):
+                sums[i, 0] += row_losses.double().sum().cpu()
+                sums[i, 1] += row_tokens.double().sum().cpu()
     sums = all_reduce_sum(sums)
     return {lang: (sums[i, 0] / sums[i, 1].clamp(min=1)).item() for i, lang in enumerate(languages)}
 
@@ -225,6 +290,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # An adapters-only checkpoint has no scheduler state: restart the schedule at its step.
     offset = start_step if resumed and rank_state is None else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1 + offset) / warmup))
+    if cfg.train.zero_stage == 3:
+        empty_parameters_to_buffers(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
         config=deepspeed_config(cfg), dist_init_required=False,
@@ -257,12 +324,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         inputs, langs = next(batches)
-        inputs = to_device(inputs, device)
-        with flora.route(engine.module, [to_adapter(lang) for lang in langs]):
-            row_losses, row_tokens = task.row_losses(engine, inputs)
-            loss = row_losses.sum() / row_tokens.sum().clamp(min=1)
-            engine.backward(loss)
-        engine.step()
+        row_losses, row_tokens = train_step(engine, task, to_device(inputs, device), [to_adapter(lang) for lang in langs])
         step_times.append(time.perf_counter() - t0)
         window += language_sums(row_losses, row_tokens, langs, languages)
 
@@ -315,6 +377,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics_writer.close()  # sends what an MLflow outage held back
 
 
+def train_step(engine, task, inputs: dict, route: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step over a mixed batch, row i through adapter `route[i]`: the mean token
+    loss of the batch, backward, optimizer step. `engine` is DeepSpeed's (or anything with its
+    `module`, `__call__`, `backward(loss)` and `step()`). Returns the rows' (summed loss, tokens)."""
+    with flora.route(engine.module, route):
+        row_losses, row_tokens = task.row_losses(engine, inputs)
+        loss = row_losses.sum() / row_tokens.sum().clamp(min=1)
+        engine.backward(loss)
+    engine.step()
+    return row_losses, row_tokens
+
+
 def training_state(engine, scheduler, step: int, window: torch.Tensor) -> dict:
     """What this rank needs, besides the adapters, to continue after `step` as if never stopped."""
     return {
@@ -332,8 +406,9 @@ def report(banks, names, metrics, state, rank_state, rank) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            ckpt.save_checkpoint(tmp, banks, names, state)
+        with gathered_adapters(banks):  # every rank: under ZeRO-3 an all-gather
+            if rank == 0:
+                ckpt.save_checkpoint(tmp, banks, names, state)
         ckpt.save_rank_state(tmp, rank, rank_state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -431,6 +506,9 @@ def build_trainer(
     scaling = cfg.scaling
     # DeepSpeed picks its accelerator when imported: tell the workers which one before they start.
     env = {"DS_ACCELERATOR": "cuda" if scaling.use_gpu else "cpu"}
+    # Torch threads per worker as Ray's default gives them (its CPUs, at least 1), also where the
+    # cluster's environment sets OMP_NUM_THREADS: float sums, and so the adapters, depend on it.
+    env["OMP_NUM_THREADS"] = str(max(1, math.floor(scaling.cpus_per_worker)))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

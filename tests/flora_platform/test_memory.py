@@ -8,7 +8,10 @@ from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
 import flora
 from flora_platform.config import ConfigError, FinetuneConfig, load_config
-from flora_platform.memory import GB, MemoryEstimate, ModelShape, Setting, check_memory, estimate_memory, fixes, model_shape
+from flora_platform.memory import (
+    GB, ZERO3_LIVE_PARAMETERS, ZERO3_PREFETCH_PARAMETERS, MemoryEstimate, ModelShape, Setting, check_memory, estimate_memory,
+    fixes, model_shape,
+)
 
 # A 2-layer GPT-BigCode: h 16, 2 heads, V 100; FLoRA rank 2 on attn.c_attn (16 -> 16 + 2·8
 # multi-query columns) and mlp.c_fc (16 -> 64), 3 adapters + the base slot.
@@ -58,9 +61,14 @@ def test_terms_by_hand():
     fp32 = estimate_memory(SHAPE, dataclasses.replace(BF16, weight_bytes=4, train_bytes=4))
     assert (fp32.weights, fp32.optimizer, fp32.activations) == (4000, 100 * 8 / 2, 2 * 2 * block + 8 * 4 * 100 * 12)
 
-    # ZeRO partitions what DeepSpeed holds (the adapters' gradients and states), never the base.
+    # ZeRO-3 shards the base too: a worker holds 1/N of it, plus what is gathered at once, at
+    # most DeepSpeed's live parameters and prefetch bucket (here the whole small model).
     zero3 = estimate_memory(SHAPE, dataclasses.replace(BF16, zero_stage=3, num_workers=4))
-    assert zero3.weights == 1000 * 2 and zero3.gradients == 100 * 2 / 4
+    assert zero3.weights == (1000 / 4 + 1000) * 2 and zero3.gradients == 100 * 2 / 4
+    big = dataclasses.replace(SHAPE, parameters=15_500_000_000)
+    sharded = estimate_memory(big, dataclasses.replace(BF16, zero_stage=3, num_workers=2))
+    assert sharded.weights == (15.5e9 / 2 + ZERO3_LIVE_PARAMETERS + ZERO3_PREFETCH_PARAMETERS) * 2
+    assert estimate_memory(big, BF16).weights == 15.5e9 * 2  # ZeRO-2: replicated
 
 
 def test_fixes_name_each_knob_that_fits():

@@ -219,6 +219,7 @@ def test_search_end_releases_groups_no_trial_reported(ray_local):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # four fine-tuning runs, two at a time, each starting its data streams
 def test_four_trial_search_stops_early_tracks_every_trial_and_registers_the_best(ray_local, tmp_path, capsys):
     tune_job = load_job("tune")
     # The paper's learning rate and one 1000 times too large, at ranks 1 and 2, on the whole

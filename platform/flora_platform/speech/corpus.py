@@ -6,7 +6,8 @@ clip, into a directory laid out like a loadable source:
 
     out_dir/manifest.parquet     path (relative to out_dir), sentence, locale, split
     out_dir/clips/<locale>/*.wav 16 kHz mono 16-bit PCM
-    out_dir/corpus.json          the arguments it was made with: same arguments, files reused
+    out_dir/corpus.json          the arguments it was made with, espeak-ng's version and a digest
+                                 of the clips: same arguments and version, files reused
 
 `load_examples` reads that directory, or a Common Voice-style file: a .parquet or .tsv with
 `sentence`, `locale`, and `path` (a WAV, FLAC, MP3 or OGG file, relative to the file's directory
@@ -23,6 +24,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -175,13 +177,29 @@ def load_examples(
 
 
 def spoken_stamp(fmt, languages, **arguments) -> dict:
-    """What a directory spoken from `WORDS` is made of (its format, languages, arguments and a
-    digest of their word lists), kept in its stamp file; languages without a word list refused."""
+    """What a directory spoken from `WORDS` is made of (its format, languages, arguments, a
+    digest of their word lists and the espeak-ng that speaks them), kept in its stamp file;
+    languages without a word list refused.
+
+    espeak-ng's version is part of it because its releases speak the same text differently: a
+    directory spoken by another version (an upgrade, a cache copied from another machine) is
+    spoken again instead of reused."""
     unknown = [lang for lang in languages if lang not in WORDS]
     if unknown:
         raise ValueError(f"no word list for {unknown}; the embedded speech corpus has {sorted(WORDS)}")
     words = hashlib.sha256(json.dumps([WORDS[lang] for lang in languages]).encode()).hexdigest()[:16]
-    return {"format": fmt, "languages": list(languages), **arguments, "words": words}
+    return {"format": fmt, "languages": list(languages), **arguments, "words": words, "espeak_ng": espeak_version()}
+
+
+def espeak_version() -> str | None:
+    """The installed espeak-ng's version ("1.51"), None when there is none on PATH."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        return None
+    out = subprocess.run([espeak, "--version"], check=True, capture_output=True, text=True, timeout=30).stdout
+    # "eSpeak NG text-to-speech: 1.51  Data at: /usr/lib/x86_64-linux-gnu/espeak-ng-data"
+    found = re.search(r"text-to-speech:\s*(\S+)", out)
+    return found.group(1) if found else out.strip()
 
 
 def clear_stale(out: Path) -> None:
@@ -193,9 +211,19 @@ def clear_stale(out: Path) -> None:
 
 
 def finish(out: Path, rows: list[dict], stamp: dict) -> None:
-    """Write the manifest, then the stamp that marks the directory whole."""
+    """Write the manifest, then the stamp that marks the directory whole, with a digest of the
+    clips' bytes: what is keyed on the stamp (the embedded Whisper's cache) is keyed on the audio."""
     pq.write_table(pa.Table.from_pylist(rows), out / MANIFEST_NAME)
-    (out / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
+    (out / STAMP_NAME).write_text(json.dumps({**stamp, "clips_sha256": clips_digest(out, [r["path"] for r in rows])}, indent=1))
+
+
+def clips_digest(out: Path, paths: list[str]) -> str:
+    """sha256 over the clips' paths and bytes, in manifest order: equal digests, equal audio."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path}\0".encode())
+        h.update((out / path).read_bytes())
+    return h.hexdigest()
 
 
 def is_dataset_repository(path: Path) -> bool:
@@ -248,11 +276,13 @@ def load_hub_examples(
 
 
 def is_built(out: Path, stamp: dict) -> bool:
+    """A whole directory made with `stamp`'s arguments (the stamp file also holds the clips' digest)."""
     try:
-        if json.loads((out / STAMP_NAME).read_text()) != stamp:
+        written = json.loads((out / STAMP_NAME).read_text())
+        if {key: written.get(key) for key in stamp} != stamp:
             return False
         paths = pq.read_table(out / MANIFEST_NAME, columns=["path"]).column("path").to_pylist()
-    except (OSError, ValueError, KeyError, pa.ArrowException):
+    except (OSError, ValueError, KeyError, AttributeError, pa.ArrowException):
         return False
     return all((out / p).is_file() for p in paths)
 

@@ -24,7 +24,8 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -104,6 +105,7 @@ def ensure_embedded_whisper(
     pretrain_steps: int = 0,
     pretrain_lr: float = 2e-3,
     pretrain_ctc_weight: float = 0.5,
+    pretrain_threads: int = 1,
 ) -> Path:
     """Directory of the embedded Whisper for these sentences (pass the training split), built if missing.
 
@@ -115,13 +117,16 @@ def ensure_embedded_whisper(
 
     pretrain_steps > 0: train every weight for that many AdamW steps on batches from
     `pretrain_data` (see `pretrain`), so that adapters start from a model that has heard the
-    languages, as Whisper has for the paper's.
+    languages, as Whisper has for the paper's. It runs on `pretrain_threads` torch threads
+    whatever the process had: how a float sum is split over threads changes its last bits, so
+    the weights are a function of the thread count (part of the cache key), not of the machine's
+    core count or of how the job was started.
     """
     settings = dict(
         vocab_size=vocab_size, d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
         attention_heads=attention_heads, ffn_dim=ffn_dim, max_target_positions=max_target_positions,
         window_seconds=window_seconds, seed=seed, pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr,
-        pretrain_ctc_weight=pretrain_ctc_weight,
+        pretrain_ctc_weight=pretrain_ctc_weight, pretrain_threads=pretrain_threads,
     )
     _check_settings(sentences_by_locale, settings)
     if pretrain_steps and pretrain_data is None:
@@ -188,6 +193,8 @@ def _check_settings(sentences_by_locale: dict[str, list[str]], s: dict) -> None:
             raise ValueError(f"{name} must be >= 1, got {s[name]}")
     if s["pretrain_steps"] < 0 or s["pretrain_lr"] <= 0:
         raise ValueError(f"pretrain_steps must be >= 0 and pretrain_lr > 0, got {s['pretrain_steps']} and {s['pretrain_lr']}")
+    if s["pretrain_threads"] < 1:
+        raise ValueError(f"pretrain_threads must be >= 1, got {s['pretrain_threads']}")
     if not 0 <= s["pretrain_ctc_weight"] < 1:
         raise ValueError(f"pretrain_ctc_weight must be in [0, 1), got {s['pretrain_ctc_weight']}")
     if s["d_model"] % s["attention_heads"]:
@@ -249,17 +256,31 @@ def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretra
     processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     final_loss = None
     if s["pretrain_steps"]:
-        final_loss = pretrain(model, processor, pretrain_data, s["pretrain_steps"], s["pretrain_lr"],
-                              s["max_target_positions"] - 1, s["seed"], ctc_weight=s["pretrain_ctc_weight"])
+        with torch_threads(s["pretrain_threads"]):
+            final_loss = pretrain(model, processor, pretrain_data, s["pretrain_steps"], s["pretrain_lr"],
+                                  s["max_target_positions"] - 1, s["seed"], ctc_weight=s["pretrain_ctc_weight"])
     model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {
         "settings": s, "corpus_digest": corpus_digest(sentences_by_locale), "locales": sorted(sentences_by_locale),
         "vocab": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()), "pretrain_loss": final_loss,
         "seconds": round(time.perf_counter() - started, 1),
+        # Not in the key, but what else the weights' last bits depend on (see the README's Speech section).
+        "made_with": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
     (out / MARKER_NAME).write_text(json.dumps(summary, indent=1))
     logger.info("embedded whisper: %d parameters, %d tokens, locales %s", summary["parameters"], len(tokenizer), summary["locales"])
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on `count` intra-op torch threads, then restore the process's own count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pretrain(model, processor, data: PretrainData, steps: int, lr: float, max_label_tokens: int, seed: int, *,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flora_platform.config import ConfigError, FinetuneConfig
@@ -20,7 +20,8 @@ from flora_platform.preflight import check_targets, resolve_model_name, spread
 from flora_platform.speech.audio import TARGET_RATE
 from flora_platform.data import looks_like_path
 from flora_platform.speech.corpus import (
-    DEFAULT_LANGUAGES, CorpusError, SpeechExample, is_dataset_repository, load_examples, load_hub_examples, synthesize_corpus,
+    DEFAULT_LANGUAGES, CorpusError, SpeechExample, espeak_version, is_dataset_repository, load_examples, load_hub_examples,
+    synthesize_corpus,
 )
 from flora_platform.speech.model import (
     PROMPT_LENGTH, ExamplePool, PretrainData, audio_window_seconds, decoder_prompt, ensure_embedded_whisper,
@@ -38,6 +39,8 @@ class PreparedSpeechJob:
     languages: list[str]
     train: dict[str, list[SpeechExample]]  # locale -> training examples
     held_out: dict[str, list[SpeechExample]]  # locale -> up to speech.eval_examples held-out examples
+    # For the run's tags: what made the data that the config does not say (espeak-ng's version).
+    tags: dict[str, str] = field(default_factory=dict)
 
     def worker_data(self) -> dict:
         """What the workers' task reads (`flora_platform.speech.training.SpeechTask`), as object refs."""
@@ -60,7 +63,8 @@ def prepare_speech_job(cfg: FinetuneConfig) -> PreparedSpeechJob:
     check_speech_model(cfg, base_path, sorted(train), clips)
     for lang in sorted(train):
         log.info("%s: %d training clips, %d held-out clips", lang, len(train[lang]), len(held_out[lang]))
-    return PreparedSpeechJob(base_path, sorted(train), train, held_out)
+    tags = {"espeak_ng": str(espeak_version())} if cfg.speech.source == "embedded" else {}
+    return PreparedSpeechJob(base_path, sorted(train), train, held_out, tags)
 
 
 def read_examples(cfg: FinetuneConfig) -> list[SpeechExample]:
@@ -132,6 +136,7 @@ def resolve_speech_model(cfg: FinetuneConfig, train: dict[str, list[SpeechExampl
                 max_target_positions=e.max_target_positions, window_seconds=e.window_seconds, seed=cfg.train.seed,
                 pretrain_data=pretrain_data(cfg, train) if e.pretrain_steps else None,
                 pretrain_steps=e.pretrain_steps, pretrain_lr=e.pretrain_lr, pretrain_ctc_weight=e.pretrain_ctc_weight,
+                pretrain_threads=e.pretrain_threads,
             )
         except ValueError as err:
             raise ConfigError("model.embedded_whisper", str(err)) from err

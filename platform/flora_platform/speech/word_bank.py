@@ -10,7 +10,8 @@ part to learn.
 
     out_dir/manifest.parquet     path (relative to out_dir), word, locale, voice
     out_dir/clips/<locale>/*.wav 16 kHz mono, silence at both ends trimmed
-    out_dir/corpus.json          the arguments it was made with: same arguments, files reused
+    out_dir/corpus.json          the arguments it was made with, espeak-ng's version and a digest
+                                 of the clips: same arguments and version, files reused
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class WordSentences:
         self._digest = hashlib.sha256((self.bank_dir / STAMP_NAME).read_bytes() + how.encode()).hexdigest()
 
     def digest(self) -> str:
-        """Names the data for the model cache: the bank's build arguments and how sentences are made."""
+        """Names the data for the model cache: the bank's stamp (its build arguments, espeak-ng's
+        version, the clips' digest) and how sentences are made."""
         return self._digest
 
     @functools.cached_property
