@@ -95,11 +95,13 @@ class RssSampler:
 
 def stream_worker_share(sources: dict, tokenizer_path: str, rank: int, world: int, seq_len: int, data) -> dict:
     """One training worker's pass over its share of every language; its own peak RSS."""
+    from flora_platform.stream_tasks import task_tokenizer
     from flora_platform.streaming import packed_blocks, token_chunks
 
     proc, peak, blocks, t0, start = psutil.Process(), 0.0, 0, time.perf_counter(), None
+    tokenizer = task_tokenizer(tokenizer_path)
     for lang, dataset in sorted(sources.items()):
-        for i, _ in enumerate(packed_blocks(token_chunks(dataset, tokenizer_path, frozenset(), rank, world, data), seq_len)):
+        for i, _ in enumerate(packed_blocks(token_chunks(dataset, tokenizer, frozenset(), rank, world, data), seq_len)):
             blocks += 1
             if blocks == 200:
                 start = proc.memory_info().rss / 2**20  # the pipeline and the tokenizer are up

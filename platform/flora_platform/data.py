@@ -33,8 +33,10 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -526,6 +528,8 @@ def pack_blocks(docs: dict[str, list[str]], tokenizer, seq_len: int) -> dict[str
     """lang -> LongTensor [N, L]: each language's documents tokenised, each followed by eos, the
     stream cut into N = len // L blocks (the tail shorter than a block is dropped). A language
     with less than one block of tokens repeats its stream to fill one block (logged)."""
+    import torch  # not at the top: Ray Data's read tasks import this module, and need no torch
+
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (a next-token target needs two tokens), got {seq_len}")
     eos = tokenizer.eos_token_id
@@ -565,6 +569,8 @@ def mixed_batches(
     of that language): within an epoch no block is read twice, so workers' rows are disjoint.
     Every row is a pure function of (seed, g): resuming at `start_step` continues the stream.
     """
+    import torch
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:

@@ -20,7 +20,8 @@ from flora_platform.data import CorpusConfig, load_documents, pack_blocks, split
 from flora_platform.memory import check_memory
 from flora_platform.preflight import check_base_loading, check_targets, resolve_model_name, spread
 from flora_platform.speech.prepare import PreparedSpeechJob, prepare_speech_job
-from flora_platform.streaming import document_digest, language_sources
+from flora_platform.stream_tasks import document_digest
+from flora_platform.streaming import language_sources
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ tokenised in Ray Data tasks, packed into blocks and mixed into batches on each w
 Driver (`language_sources`): one lazy Dataset per language, rows {"content"}: The Stack-style
 parquet/jsonl shards (parquet files whose row-group statistics say they hold other languages are
 not read), the files of a source tree or of the embedded corpus, or a hub dataset streamed with
-`datasets`. Nothing is read on the driver.
+`datasets`. Files and parquet row groups are read in a seeded random order (a path-sorted source
+keeps alike files together). Only parquet metadata is read on the driver.
 
 Worker (`TrainStream`): for each language, its own Dataset on top of that source keeps the
 documents that are neither held out (their SHA-1 is in the held-out set) nor another worker's
@@ -26,8 +27,6 @@ Memory: Ray Data's backpressure bounds what is in flight; a worker holds the shu
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import queue
 import random
@@ -40,16 +39,15 @@ import torch
 
 from flora_platform import data
 from flora_platform.data import CorpusConfig
+from flora_platform.stream_tasks import (
+    DOCS_PER_TASK, keep_language, map_resources, own_tokens, read_files, read_records, record_units, seeded_order,
+    task_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
-DOCS_PER_TASK = 256  # documents per Ray Data batch: tokenised together, one output row
 PREFETCH_CHUNKS = 4  # tokenised batches a worker queues ahead per language
 RUN_AHEAD_BYTES = 64 * 2**20  # object store bytes one stream's Ray Data execution may hold
-
-
-def document_digest(text: str) -> bytes:
-    return hashlib.sha1(text.encode()).digest()
 
 
 # --------------------------------------------------------------------------- driver: sources
@@ -65,15 +63,15 @@ def language_sources(cfg: CorpusConfig, languages: list[str]):
     if source == data.EMBEDDED or (path.exists() and not data._dataset_files(path)):
         candidates = data._embedded_candidates(tuple(languages)) if source == data.EMBEDDED else data._tree_candidates(path)
         return {
-            lang: ray.data.from_items([{"path": str(p)} for p in sorted(candidates.get(lang, []))])
-            .map_batches(_read_files, fn_kwargs={"max_file_bytes": cfg.max_file_bytes}, batch_format="pyarrow", batch_size=DOCS_PER_TASK, **_map_resources(cfg))
+            lang: ray.data.from_items(seeded_order([{"path": str(p)} for p in sorted(candidates.get(lang, []))], cfg.seed, lang))
+            .map_batches(read_files, fn_kwargs={"max_file_bytes": cfg.max_file_bytes}, batch_format="pyarrow", batch_size=DOCS_PER_TASK, **map_resources(cfg))
             for lang in languages
         }
     if path.exists():
         files = data._dataset_files(path)
         return {
-            lang: ray.data.from_items([{"path": str(f)} for f in files if data.may_hold(f, {lang})])
-            .map_batches(_read_records, fn_kwargs={"lang": lang, "max_file_bytes": cfg.max_file_bytes}, batch_format="pyarrow", batch_size=1, **_map_resources(cfg))
+            lang: ray.data.from_items(seeded_order(record_units([f for f in files if data.may_hold(f, {lang})]), cfg.seed, lang))
+            .map_batches(read_records, fn_kwargs={"lang": lang, "max_file_bytes": cfg.max_file_bytes}, batch_format="pyarrow", batch_size=1, **map_resources(cfg))
             for lang in languages
         }
     import datasets  # a hub id: load_documents has already checked that it loads
@@ -84,87 +82,19 @@ def language_sources(cfg: CorpusConfig, languages: list[str]):
 
 def _of_language(rows, lang: str, cfg: CorpusConfig):
     return rows.map_batches(
-        _keep_language, fn_kwargs={"lang": lang, "max_file_bytes": cfg.max_file_bytes},
-        batch_format="pyarrow", batch_size=DOCS_PER_TASK, **_map_resources(cfg),
+        keep_language, fn_kwargs={"lang": lang, "max_file_bytes": cfg.max_file_bytes},
+        batch_format="pyarrow", batch_size=DOCS_PER_TASK, **map_resources(cfg),
     )
 
 
-def _map_resources(cfg: CorpusConfig) -> dict:
-    import ray.data
-
-    return {"num_cpus": cfg.stream_cpus, "compute": ray.data.TaskPoolStrategy(size=cfg.stream_tasks)}
-
-
-def _usable(text, max_file_bytes: int) -> bool:
-    return isinstance(text, str) and data._clean_text(text, CorpusConfig(max_file_bytes=max_file_bytes)) is not None
-
-
-def _keep_language(batch, lang: str, max_file_bytes: int):
-    import pyarrow as pa
-
-    langs, contents = batch.column("lang").to_pylist(), batch.column("content").to_pylist()
-    kept = [c for raw, c in zip(langs, contents) if raw and data.normalize_language(raw) == lang and _usable(c, max_file_bytes)]
-    return pa.table({"content": pa.array(kept, type=pa.string())})
-
-
-def _read_records(batch, lang: str, max_file_bytes: int):
-    """The documents of `lang` in a batch of parquet/jsonl files, DOCS_PER_TASK rows at a time."""
-    import pyarrow as pa
-
-    for path in batch.column("path").to_pylist():
-        rows: list[tuple[str, str]] = []
-        for record in data._iter_files_records([Path(path)]):
-            rows.append(record)
-            if len(rows) == DOCS_PER_TASK:
-                yield _keep_language(pa.table({"lang": [r[0] for r in rows], "content": [r[1] for r in rows]}), lang, max_file_bytes)
-                rows = []
-        if rows:
-            yield _keep_language(pa.table({"lang": [r[0] for r in rows], "content": [r[1] for r in rows]}), lang, max_file_bytes)
-
-
-def _read_files(batch, max_file_bytes: int):
-    import pyarrow as pa
-
-    cfg = CorpusConfig(max_file_bytes=max_file_bytes)
-    texts = list(data._read_texts([Path(p) for p in batch.column("path").to_pylist()], cfg))
-    return pa.table({"content": pa.array(texts, type=pa.string())})
-
-
-# --------------------------------------------------------------------------- worker: tokens
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def _own_tokens(batch, tokenizer_path: str, held_out: frozenset[bytes], rank: int, world: int):
-    """One row {"tokens": int32[]}: this worker's training documents of the batch, tokenised,
-    each followed by eos, in order."""
-    import pyarrow as pa
-
-    texts = []
-    for text in batch.column("content").to_pylist():
-        digest = document_digest(text)
-        if digest not in held_out and int.from_bytes(digest[:8], "little") % world == rank:
-            texts.append(text)
-    tokenizer = _tokenizer(tokenizer_path)
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    eos = tokenizer.eos_token_id
-    flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int32)
-    return pa.table({"tokens": pa.array([flat], type=pa.list_(pa.int32()))})
-
-
-def token_chunks(dataset, tokenizer_path: str, held_out: frozenset[bytes], rank: int, world: int, cfg: CorpusConfig) -> Iterator[np.ndarray]:
+def token_chunks(dataset, tokenizer: dict, held_out: frozenset[bytes], rank: int, world: int, cfg: CorpusConfig) -> Iterator[np.ndarray]:
     """One pass over this worker's tokens of a language Dataset, in source order."""
     import pyarrow.compute as pc
     import ray.data
 
     own = dataset.map_batches(
-        _own_tokens, fn_kwargs={"tokenizer_path": tokenizer_path, "held_out": held_out, "rank": rank, "world": world},
-        batch_format="pyarrow", batch_size=DOCS_PER_TASK, **_map_resources(cfg),
+        own_tokens, fn_kwargs={"tokenizer": tokenizer, "held_out": held_out, "rank": rank, "world": world},
+        batch_format="pyarrow", batch_size=DOCS_PER_TASK, **map_resources(cfg),
     )
     own.context.execution_options.preserve_order = True  # the stream is a pure function of the source
     # Ray Data runs ahead as far as its buffers allow; training needs a few blocks a step, so a
@@ -248,7 +178,8 @@ class TrainStream:
     def __init__(self, sources: dict, *, tokenizer_path: str, held_out: frozenset[bytes], seq_len: int,
                  batch_size: int, seed: int, rank: int, world: int, data: CorpusConfig):
         self.sources, self.languages = sources, sorted(sources)
-        self.tokenizer_path, self.held_out, self.seq_len = tokenizer_path, held_out, seq_len
+        self.tokenizer = task_tokenizer(tokenizer_path)  # what the Ray Data tasks tokenise with
+        self.held_out, self.seq_len = held_out, seq_len
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.data = data  # shuffle_blocks, stream_cpus, stream_tasks
 
@@ -256,7 +187,7 @@ class TrainStream:
         epoch = 0
         while True:
             got = False
-            for chunk in token_chunks(self.sources[lang], self.tokenizer_path, self.held_out, self.rank, self.world, self.data):
+            for chunk in token_chunks(self.sources[lang], self.tokenizer, self.held_out, self.rank, self.world, self.data):
                 got = got or len(chunk) > 0
                 yield chunk
             if not got:

@@ -11,8 +11,9 @@ import torch
 
 from flora_platform import data
 from flora_platform.data import CorpusConfig
+from flora_platform.stream_tasks import document_digest, task_tokenizer
 from flora_platform.streaming import (
-    TrainStream, document_digest, language_sources, packed_blocks, rows_before, row_languages, shuffled, token_chunks,
+    TrainStream, language_sources, packed_blocks, rows_before, row_languages, shuffled, token_chunks,
 )
 
 WORD = {"python": "pyth", "c": "cc"}  # every document of a language repeats its word
@@ -90,6 +91,17 @@ def test_a_resumed_stream_continues_where_it_stopped(ray_local, tmp_path, tokeni
         assert torch.equal(x, y) and lx == ly
 
 
+def test_tasks_tokenise_as_the_transformers_tokenizer_does(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from flora_platform.stream_tasks import _encode
+
+    texts = [document("c", 3), "def f(x):\n    return x  # é ☃\n", ""]
+    reference = AutoTokenizer.from_pretrained(tokenizer_dir)(texts, add_special_tokens=False)["input_ids"]
+    assert _encode(task_tokenizer(tokenizer_dir), texts) == reference
+    assert _encode({"path": tokenizer_dir, "eos": 0}, texts) == reference  # the fallback for slow tokenizers
+
+
 def test_row_languages_cycle_and_count():
     langs = ["a", "b", "c"]
     rows = row_languages(langs, seed=1, rank=0, first=0, count=30)
@@ -147,7 +159,7 @@ def test_a_corpus_many_times_the_old_caps_streams_through_in_bounded_memory(ray_
         import time
 
         start, peak, tokens, t0 = None, 0.0, 0, time.perf_counter()
-        for i, block in enumerate(packed_blocks(token_chunks(dataset, tokenizer_dir, frozenset(), 0, 1, CorpusConfig()), 64)):
+        for i, block in enumerate(packed_blocks(token_chunks(dataset, task_tokenizer(tokenizer_dir), frozenset(), 0, 1, CorpusConfig()), 64)):
             tokens += block.numel()
             if i == 100:
                 start = rss_mb()  # after the pipeline and the tokenizer are up
