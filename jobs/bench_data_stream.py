@@ -5,8 +5,8 @@
 Writes a synthetic The Stack-style parquet set (a folder per language, `content` and `lang`
 columns; kept between runs), then streams every worker's share of every language once, the way
 a fine-tuning worker reads it (`flora_platform.streaming`: read, filter, tokenise in Ray Data
-tasks, packed into blocks on the worker), while a sampler records the RSS of the driver, of each
-worker, and of every process of the Ray cluster. Writes `data_stream.csv` (the figures),
+tasks, packed into blocks on the worker), recording the RSS of the driver over time and of each
+worker (after its first 200 blocks, and its peak). Writes `data_stream.csv` (the figures),
 `data_stream_rss.csv` (the samples over time) and `data_stream.png` when matplotlib is present.
 """
 
@@ -62,26 +62,17 @@ def write_corpus(root: Path, size_bytes: int, languages: list[str]) -> int:
 
 
 class RssSampler:
-    """Samples RSS of this process and of every process of this Ray cluster (those whose command
-    line names its session directory) every `period` s."""
+    """Samples this process's RSS every `period` s (the workers report their own)."""
 
-    def __init__(self, session_dir: str, period: float = 0.5):
-        self.session_dir, self.period, self.samples, self._stop = session_dir, period, [], threading.Event()
+    def __init__(self, period: float = 0.5):
+        self.period, self.samples, self._stop = period, [], threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         t0 = time.perf_counter()
         while not self._stop.is_set():
-            ray_rss = 0
-            for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
-                try:
-                    cmd = " ".join(proc.info["cmdline"] or [])
-                    if proc.pid != me.pid and self.session_dir in cmd:
-                        ray_rss += proc.info["memory_info"].rss
-                except (psutil.Error, TypeError):
-                    continue
-            self.samples.append((time.perf_counter() - t0, me.memory_info().rss / 2**20, ray_rss / 2**20))
+            self.samples.append((time.perf_counter() - t0, me.memory_info().rss / 2**20))
             self._stop.wait(self.period)
 
     def __enter__(self):
@@ -142,7 +133,7 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
     try:
         worker = ray.remote(num_cpus=1)(stream_worker_share)
-        with RssSampler(ray._private.worker._global_node.get_session_dir_path()) as sampler:
+        with RssSampler() as sampler:
             t0 = time.perf_counter()
             data = CorpusConfig(source=str(corpus / "data"), stream_cpus=args.stream_cpus, stream_tasks=args.stream_tasks)
             sources = language_sources(data, languages)
@@ -158,7 +149,6 @@ def main() -> None:
         ("tokens_streamed", tokens, "tokens"), ("seconds", round(seconds, 1), "s"),
         ("corpus_mb_per_s", round(size / 1e6 / seconds, 2), "MB/s"),
         ("driver_peak_rss_mb", round(max(s[1] for s in sampler.samples), 1), "MiB"),
-        ("cluster_processes_peak_rss_mb", round(max(s[2] for s in sampler.samples), 1), "MiB"),
         *((f"worker{r['rank']}_rss_after_200_blocks_mb", round(r["rss_after_200_blocks_mb"] or 0, 1), "MiB") for r in results),
         *((f"worker{r['rank']}_peak_rss_mb", round(r["peak_rss_mb"], 1), "MiB") for r in results),
         ("cpus", os.cpu_count(), ""),
@@ -166,7 +156,7 @@ def main() -> None:
     with open(out / "data_stream.csv", "w", newline="") as f:
         csv.writer(f).writerows([("figure", "value", "unit"), *rows])
     with open(out / "data_stream_rss.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("seconds", "driver_rss_mb", "ray_processes_rss_mb"), *sampler.samples])
+        csv.writer(f).writerows([("seconds", "driver_rss_mb"), *sampler.samples])
     for name, value, unit in rows:
         print(f"{name:34s} {value} {unit}")
     try:
@@ -177,10 +167,12 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    t, driver, node = zip(*sampler.samples)
+    t, driver = zip(*sampler.samples)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(t, driver, label="driver")
-    ax.plot(t, node, label="every process of the cluster (workers, Ray Data tasks, raylet, GCS)")
+    for r in results:
+        ax.axhline(r["peak_rss_mb"], linestyle="--", color=f"C{r['rank'] + 1}", label=f"worker {r['rank']}: peak")
+        ax.axhline(r["rss_after_200_blocks_mb"] or 0, linestyle=":", color=f"C{r['rank'] + 1}", label=f"worker {r['rank']}: after 200 blocks")
     ax.set(xlabel="seconds", ylabel="RSS (MiB)", title=f"Streaming {size / 1e9:.1f} GB of parquet to {args.workers} workers")
     ax.legend()
     fig.tight_layout()
