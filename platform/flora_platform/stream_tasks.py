@@ -1,7 +1,7 @@
 """What Ray Data's tasks run for the training stream (`flora_platform.streaming`): read files and
 parquet row groups, keep one language's documents, keep a worker's own share, tokenise.
 
-This module imports no torch (nor `flora_platform.data` at its top does): every task runs in its own
+Neither this module nor `flora_platform.data` imports torch at its top: every task runs in its own
 worker process, and importing torch and transformers there would cost seconds and hundreds of MB
 per process. Tokenising uses the `tokenizers` backend of the base model's fast tokenizer, as
 transformers configured it (`task_tokenizer`): the same ids as `tokenizer(texts)`.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import random
 from pathlib import Path
 
@@ -32,15 +33,16 @@ def map_resources(cfg: CorpusConfig) -> dict:
     return {"num_cpus": cfg.stream_cpus, "compute": ray.data.TaskPoolStrategy(size=cfg.stream_tasks)}
 
 
-def _usable(text, max_file_bytes: int) -> bool:
-    return isinstance(text, str) and data._clean_text(text, CorpusConfig(max_file_bytes=max_file_bytes)) is not None
-
-
 def keep_language(batch, lang: str, max_file_bytes: int):
+    """The batch's usable documents of `lang` (a table with `lang` and `content`)."""
     import pyarrow as pa
 
+    cfg = CorpusConfig(max_file_bytes=max_file_bytes)
     langs, contents = batch.column("lang").to_pylist(), batch.column("content").to_pylist()
-    kept = [c for raw, c in zip(langs, contents) if raw and data.normalize_language(raw) == lang and _usable(c, max_file_bytes)]
+    kept = [
+        c for raw, c in zip(langs, contents)
+        if raw and isinstance(c, str) and data.normalize_language(raw) == lang and data._clean_text(c, cfg) is not None
+    ]
     return pa.table({"content": pa.array(kept, type=pa.string())})
 
 
@@ -78,13 +80,8 @@ def read_records(batch, lang: str, max_file_bytes: int):
             for start in range(0, table.num_rows, DOCS_PER_TASK):
                 yield keep_language(table.slice(start, DOCS_PER_TASK), lang, max_file_bytes)
             continue
-        rows: list[tuple[str, str]] = []
-        for record in data._iter_files_records([Path(path)]):
-            rows.append(record)
-            if len(rows) == DOCS_PER_TASK:
-                yield keep_language(pa.table({"lang": [r[0] for r in rows], "content": [r[1] for r in rows]}), lang, max_file_bytes)
-                rows = []
-        if rows:
+        records = data._iter_files_records([Path(path)])
+        while rows := list(itertools.islice(records, DOCS_PER_TASK)):
             yield keep_language(pa.table({"lang": [r[0] for r in rows], "content": [r[1] for r in rows]}), lang, max_file_bytes)
 
 
