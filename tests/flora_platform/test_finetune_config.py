@@ -22,6 +22,8 @@ from .conftest import load_job, tiny_job_overrides, tiny_speech_overrides
         ("tracking.nonsense=1", "tracking.nonsense"),
         ("model.quantization=8bit", "model.quantization"),  # no CUDA GPU asked for (and no bitsandbytes)
         ("model.dtype=bfloat16", "model.dtype"),  # train.precision is fp32
+        ("data.stream_cpus=-1", "stream_cpus"),
+        ("data.shuffle_blocks=0", "shuffle_blocks"),
     ],
 )
 def test_bad_config_fails_before_any_worker(tmp_path, override, field):
@@ -61,6 +63,7 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
         ("speech.source=./no/such/corpus", "speech.source"),
         ("model.embedded_whisper.window_seconds=1", "model.embedded_whisper.window_seconds"),  # clips are longer
         ("model.embedded_whisper.pretrain_ctc_weight=1", "model.embedded_whisper"),  # nothing left for the decoder
+        ("train.zero_stage=3", "train.zero_stage"),  # held-out decoding cannot run under ZeRO-3
     ],
 )
 def test_bad_speech_config_fails_before_any_worker(tmp_path, override, field):
