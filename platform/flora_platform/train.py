@@ -313,6 +313,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_eval = state.get("last_eval") or {
         **eval_metrics("eval", base_eval, base_scores), **eval_metrics("base_eval", base_eval, base_scores), "step": 0,
     }
+    if start_step >= cfg.train.steps:
+        # The run had checkpointed its last step when it was stopped (a job or a search
+        # interrupted while that report was on its way): nothing is left to train, but whoever
+        # waits on this run (the job, Tune) must see it end there, so the last report goes again.
+        log.info("rank %d: the checkpoint is the run's last step (%d): reporting it again", rank, start_step)
+        attempt = {"resumed_from_step": start_step}
+        writer = metric_writer(loop_config) if rank == 0 else None
+        if writer:
+            log_metrics(writer, attempt, start_step, set())
+            writer.close()
+        report(banks, names, {**last_eval, **attempt, **report_extras()}, state,
+               training_state(engine, scheduler, start_step, window), rank)
+        return
     batches = task.batches(batch_size, cfg.train.seed, rank, world, start_step)
     step_times: list[float] = []
     window_start = time.perf_counter()

@@ -52,11 +52,22 @@ def test_two_worker_run_logs_registers_and_serves(ray_local, tmp_path):
     banks.load("python", adapter)
     assert banks.names == ["python"]
 
+    # A job stopped after its workers' last checkpoint, before it closed the run: submitted
+    # again, it continues that run from the last checkpoint, trains nothing and ends with the
+    # final evaluation (no report at all would leave the job without metrics).
+    client.set_terminated(out["run_id"], status="KILLED")
+    finished = finetune.run(cfg)
+    assert finished["run_id"] == out["run_id"] and client.get_run(out["run_id"]).info.status == "FINISHED"
+    assert finished["metrics"]["step"] == 12 and finished["metrics"]["resumed_from_step"] == 12
+    assert client.get_run(out["run_id"]).data.metrics["resumed_from_step"] == 12  # the attempt's, in MLflow too
+    assert finished["metrics"]["eval_loss/mean"] == metrics["eval_loss/mean"]
+    assert [m.step for m in client.get_metric_history(out["run_id"], "train_loss")] == [3, 6, 9, 12]
+
     # The same command again after the run finished: a new run that trains anew (it does not
     # resume the finished run's last checkpoint) and registers new versions.
     again = finetune.run(cfg)
     assert again["run_id"] != out["run_id"] and again["metrics"]["resumed_from_step"] == 0
-    assert sorted(int(v.version) for v in client.search_model_versions("name='flora-python'")) == [1, 2]
+    assert sorted(int(v.version) for v in client.search_model_versions("name='flora-python'")) == [1, 2, 3]
 
 
 def test_unfinished_run_continues_only_with_the_same_settings(tmp_path):

@@ -349,7 +349,8 @@ def test_interrupted_search_resumes_instead_of_starting_over(ray_local, tmp_path
     after = {c.data.tags["flora.trial_id"]: c for c in children_of(client, parent.info.run_id)}
     assert len(after) == 2 and set(before) <= set(after)
     assert all(after[t].info.run_id == before[t].info.run_id for t in before)  # same child runs, continued
-    assert all(c.info.status == "FINISHED" for c in after.values())
+    outcome = {t: (c.info.status, c.data.tags.get("flora.trial_status"), c.data.tags.get("flora.error")) for t, c in after.items()}
+    assert all(c.info.status == "FINISHED" for c in after.values()), outcome
     # Each trial had finished before the interruption, or went on from its checkpoint, not step 0.
     for trial_id, child in after.items():
         resumed = client.get_run(child.info.run_id).data.metrics.get("resumed_from_step", 0)
