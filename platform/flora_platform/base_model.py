@@ -18,7 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,6 +99,7 @@ def ensure_embedded_base(
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    pretrain_threads: int = 1,
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Path:
     """Directory of the embedded base model for `docs` (pass the training split), built if missing.
@@ -108,10 +110,14 @@ def ensure_embedded_base(
     pre-training. Defaults (1.2 M parameters, 600 steps of 16 x 128 tokens, about 1.2 M tokens)
     take about 2 minutes on 2 idle CPU cores (~13k tokens/s) and bring the held-out loss of the
     embedded corpus from 8.3 (uniform over 4096 tokens) to 3.7-5.4 per language.
+    Pre-training runs on `pretrain_threads` torch threads whatever the process has: how a float
+    sum is split over threads changes its last bits, so the weights are a function of the thread
+    count (part of the cache key), not of the machine's core count or of how the job was started.
     """
     settings = dict(
         vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions,
         pretrain_steps=pretrain_steps, seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed,
+        pretrain_threads=pretrain_threads,
     )
     _check_settings(docs, settings)
     key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "settings": settings, "corpus": corpus_digest(docs)}, sort_keys=True).encode())
@@ -165,7 +171,7 @@ def corpus_digest(docs: dict[str, list[str]]) -> str:
 def _check_settings(docs: dict[str, list[str]], s: dict) -> None:
     if not docs or not all(docs.values()):
         raise ValueError("docs must map every language to >= 1 document; load them with load_documents")
-    for name in ("n_embd", "n_layer", "n_head", "pretrain_steps", "batch_size"):
+    for name in ("n_embd", "n_layer", "n_head", "pretrain_steps", "batch_size", "pretrain_threads"):
         if s[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {s[name]}")
     if s["n_embd"] % s["n_head"]:
@@ -215,17 +221,36 @@ def _build(out: Path, docs: dict[str, list[str]], s: dict, progress) -> None:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = GPTBigCodeForCausalLM(config)
-    loss_before = language_losses(model, blocks)
-    curve = pretrain(model, blocks, steps=s["pretrain_steps"], batch_size=s["batch_size"], lr=s["lr"], seed=s["seed"], progress=progress)
-    loss_after = language_losses(model, blocks)
+    with torch_threads(s["pretrain_threads"]):
+        loss_before = language_losses(model, blocks)
+        curve = pretrain(model, blocks, steps=s["pretrain_steps"], batch_size=s["batch_size"], lr=s["lr"], seed=s["seed"], progress=progress)
+        loss_after = language_losses(model, blocks)
     logger.info("embedded base model: per-language loss %s -> %s", _fmt(loss_before), _fmt(loss_after))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     summary = {
         "settings": s, "corpus_digest": corpus_digest(docs), "seconds": round(time.perf_counter() - started, 1),
         "loss_curve": curve, "loss_before": loss_before, "loss_after": loss_after,
+        # Not in the key, but what else the weights' last bits depend on (see the README).
+        "made_with": made_with(),
     }
     (out / MARKER_NAME).write_text(json.dumps(summary, indent=1))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on `count` intra-op torch threads, then restore the process's own count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def made_with() -> dict[str, str]:
+    """The torch version and CPU instruction set a model was pre-trained with."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def pretrain(

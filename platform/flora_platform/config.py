@@ -43,6 +43,7 @@ class EmbeddedBaseConfig:
     n_head: int = 4
     n_positions: int = 512
     pretrain_steps: int = 600
+    pretrain_threads: int = 1  # torch threads of pre-training: the weights depend on it, not on the core count
     cache_dir: str = "~/.cache/flora/base"
 
 

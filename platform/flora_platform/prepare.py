@@ -79,6 +79,7 @@ def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) ->
         path = ensure_embedded_base(
             Path(e.cache_dir).expanduser(), train_docs, vocab_size=e.vocab_size, n_embd=e.n_embd,
             n_layer=e.n_layer, n_head=e.n_head, n_positions=e.n_positions, pretrain_steps=e.pretrain_steps,
+            pretrain_threads=e.pretrain_threads,
         )
         return str(path)
     return resolve_model_name(name)

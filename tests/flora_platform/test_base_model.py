@@ -124,6 +124,28 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_pretraining_gives_the_same_weights_whatever_threads_the_process_has(tmp_path):
+    """`ray job submit` starts the driver on 1 torch thread, `python jobs/finetune.py` on every
+    core: under one cache key both must build the same base, and the key follows the count the
+    build uses."""
+    small = {**TINY, "pretrain_steps": 6}
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            path = ensure_embedded_base(tmp_path / f"process-threads-{threads}", tiny_corpus(), **small)
+            assert torch.get_num_threads() == threads  # the process's own count is restored
+            weights.append((path.name, (path / "model.safetensors").read_bytes()))
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0] == weights[1]  # same cache key, same bytes
+    made = json.loads((path / MARKER_NAME).read_text())
+    assert made["settings"]["pretrain_threads"] == 1 and made["made_with"]["torch"] == torch.__version__
+    other = ensure_embedded_base(tmp_path / "two", tiny_corpus(), **small, pretrain_threads=2)
+    assert other.name != weights[0][0]  # the thread count is part of the key
+
+
 def test_load_base_gives_a_pad_token_to_tokenizers_without_one(built, tmp_path):
     _, path, _ = built
     model, tokenizer = load_base(str(path))
@@ -144,3 +166,5 @@ def test_errors_name_the_argument(tmp_path):
         ensure_embedded_base(tmp_path, tiny_corpus(), **{**TINY, "n_head": 3})
     with pytest.raises(ValueError, match="seq_len"):
         ensure_embedded_base(tmp_path, tiny_corpus(), **{**TINY, "seq_len": 128})
+    with pytest.raises(ValueError, match="pretrain_threads must be >= 1"):
+        ensure_embedded_base(tmp_path, tiny_corpus(), **{**TINY, "pretrain_threads": 0})

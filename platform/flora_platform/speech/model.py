@@ -24,8 +24,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -41,7 +40,9 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from flora_platform.base_model import EOS_TOKEN, PAD_TOKEN, build_once, corpus_digest, train_tokenizer
+from flora_platform.base_model import (
+    EOS_TOKEN, PAD_TOKEN, build_once, corpus_digest, made_with, torch_threads, train_tokenizer,
+)
 from flora_platform.data import looks_like_path
 from flora_platform.speech.audio import TARGET_RATE
 from flora_platform.speech.corpus import SpeechExample
@@ -266,21 +267,10 @@ def _build(out: Path, sentences_by_locale: dict[str, list[str]], s: dict, pretra
         "vocab": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()), "pretrain_loss": final_loss,
         "seconds": round(time.perf_counter() - started, 1),
         # Not in the key, but what else the weights' last bits depend on (see the README's Speech section).
-        "made_with": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "made_with": made_with(),
     }
     (out / MARKER_NAME).write_text(json.dumps(summary, indent=1))
     logger.info("embedded whisper: %d parameters, %d tokens, locales %s", summary["parameters"], len(tokenizer), summary["locales"])
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block on `count` intra-op torch threads, then restore the process's own count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def pretrain(model, processor, data: PretrainData, steps: int, lr: float, max_label_tokens: int, seed: int, *,
