@@ -76,11 +76,14 @@ def resolve_base_model(cfg: FinetuneConfig, train_docs: dict[str, list[str]]) ->
     name = cfg.model.name
     if name == "embedded":
         e = cfg.model.embedded
-        path = ensure_embedded_base(
-            Path(e.cache_dir).expanduser(), train_docs, vocab_size=e.vocab_size, n_embd=e.n_embd,
-            n_layer=e.n_layer, n_head=e.n_head, n_positions=e.n_positions, pretrain_steps=e.pretrain_steps,
-            pretrain_threads=e.pretrain_threads,
-        )
+        try:
+            path = ensure_embedded_base(
+                Path(e.cache_dir).expanduser(), train_docs, vocab_size=e.vocab_size, n_embd=e.n_embd,
+                n_layer=e.n_layer, n_head=e.n_head, n_positions=e.n_positions, pretrain_steps=e.pretrain_steps,
+                pretrain_threads=e.pretrain_threads,
+            )
+        except ValueError as err:  # a setting of the base, e.g. n_embd not divisible by n_head
+            raise ConfigError("model.embedded", str(err)) from err
         return str(path)
     return resolve_model_name(name)
 

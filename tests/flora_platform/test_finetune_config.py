@@ -24,6 +24,8 @@ from .conftest import load_job, tiny_job_overrides, tiny_speech_overrides
         ("model.dtype=bfloat16", "model.dtype"),  # train.precision is fp32
         ("data.stream_cpus=-1", "stream_cpus"),
         ("data.shuffle_blocks=0", "shuffle_blocks"),
+        ("model.embedded.pretrain_threads=0", "model.embedded"),
+        ("model.embedded.n_head=3", "model.embedded"),
     ],
 )
 def test_bad_config_fails_before_any_worker(tmp_path, override, field):
