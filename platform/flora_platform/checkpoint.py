@@ -7,8 +7,8 @@
 
 Rank 0 writes the first two, every rank its own `ranks/<r>.pt`, all into one Ray Train
 checkpoint. With the data position (`step`: each worker's data stream is a pure function of the
-source, seed, rank and world size) this is everything a step depends on, so a resumed run continues the uninterrupted one
-exactly. Checkpoints from before rank states existed hold only the first two; resuming from one
+source, seed, rank and world size) this is everything a step depends on, so a resumed run
+continues the uninterrupted one exactly. Checkpoints from before rank states existed hold only the first two; resuming from one
 restarts the optimizer's moments from zero.
 """
 

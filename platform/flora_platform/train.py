@@ -319,8 +319,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # waits on this run (the job, Tune) must see it end there, so the last report goes again.
         log.info("rank %d: the checkpoint is the run's last step (%d): reporting it again", rank, start_step)
         attempt = {"resumed_from_step": start_step}
-        writer = metric_writer(loop_config) if rank == 0 else None
-        if writer:
+        if rank == 0 and (writer := metric_writer(loop_config)):
             log_metrics(writer, attempt, start_step, set())
             writer.close()
         report(banks, names, {**last_eval, **attempt, **report_extras()}, state,

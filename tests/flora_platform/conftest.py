@@ -83,3 +83,21 @@ def tiny_speech_overrides(tmp, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def builds_under_thread_counts(build, counts=(1, 3)) -> list[tuple[str, bytes]]:
+    """(directory name, weights bytes) of `build(f"process-threads-{n}")` run in a process set to
+    n torch threads, for each n; checks the build gives the process its own count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            path = build(f"process-threads-{threads}")
+            assert torch.get_num_threads() == threads  # the process's own count is restored
+            out.append((path.name, (path / "model.safetensors").read_bytes()))
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -13,6 +13,8 @@ from flora_platform import base_model
 from flora_platform.base_model import MARKER_NAME, ensure_embedded_base, load_base
 from flora_platform.data import pack_blocks
 
+from .conftest import builds_under_thread_counts
+
 TINY = dict(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64, pretrain_steps=30, seq_len=32, batch_size=8, lr=1e-2)
 
 
@@ -129,18 +131,9 @@ def test_pretraining_gives_the_same_weights_whatever_threads_the_process_has(tmp
     core: under one cache key both must build the same base, and the key follows the count the
     build uses."""
     small = {**TINY, "pretrain_steps": 6}
-    before = torch.get_num_threads()
-    weights = []
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            path = ensure_embedded_base(tmp_path / f"process-threads-{threads}", tiny_corpus(), **small)
-            assert torch.get_num_threads() == threads  # the process's own count is restored
-            weights.append((path.name, (path / "model.safetensors").read_bytes()))
-    finally:
-        torch.set_num_threads(before)
+    weights = builds_under_thread_counts(lambda name: ensure_embedded_base(tmp_path / name, tiny_corpus(), **small))
     assert weights[0] == weights[1]  # same cache key, same bytes
-    made = json.loads((path / MARKER_NAME).read_text())
+    made = json.loads((tmp_path / "process-threads-3" / weights[1][0] / MARKER_NAME).read_text())
     assert made["settings"]["pretrain_threads"] == 1 and made["made_with"]["torch"] == torch.__version__
     other = ensure_embedded_base(tmp_path / "two", tiny_corpus(), **small, pretrain_threads=2)
     assert other.name != weights[0][0]  # the thread count is part of the key

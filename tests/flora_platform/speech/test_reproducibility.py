@@ -13,6 +13,8 @@ from flora_platform.speech import corpus
 from flora_platform.speech.corpus import STAMP_NAME, SpeechExample, espeak_version, synthesize_corpus
 from flora_platform.speech.model import MARKER_NAME, ExamplePool, ensure_embedded_whisper
 
+from ..conftest import builds_under_thread_counts
+
 NO_ESPEAK = "espeak-ng is not installed (`make install` installs it where apt-get may run)"
 SENTENCES = {"de": ["Der Hund ist alt.", "Die Katze ist klein."], "fr": ["Le chat est calme.", "La porte est rouge."]}
 RATE = 16_000
@@ -59,18 +61,9 @@ def test_pretraining_gives_the_same_weights_whatever_threads_the_process_has(tmp
     different weights under the same cache key."""
     tiny = dict(vocab_size=300, d_model=32, ffn_dim=64, max_target_positions=32, window_seconds=2,
                 pretrain_data=tone_pool(), pretrain_steps=12)
-    before = torch.get_num_threads()
-    weights = []
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            path = ensure_embedded_whisper(tmp_path / f"process-threads-{threads}", SENTENCES, **tiny)
-            assert torch.get_num_threads() == threads  # the process's own count is restored
-            weights.append((path.name, (path / "model.safetensors").read_bytes()))
-    finally:
-        torch.set_num_threads(before)
+    weights = builds_under_thread_counts(lambda name: ensure_embedded_whisper(tmp_path / name, SENTENCES, **tiny))
     assert weights[0] == weights[1]  # same cache key, same bytes
-    made = json.loads((path / MARKER_NAME).read_text())
+    made = json.loads((tmp_path / "process-threads-3" / weights[1][0] / MARKER_NAME).read_text())
     assert made["settings"]["pretrain_threads"] == 1 and made["made_with"]["torch"] == torch.__version__
     other = ensure_embedded_whisper(tmp_path / "two", SENTENCES, **tiny, pretrain_threads=2)
     assert other.name != weights[0][0]  # the thread count is part of the key
