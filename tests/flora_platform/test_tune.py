@@ -222,13 +222,15 @@ def test_search_end_releases_groups_no_trial_reported(ray_local):
 @pytest.mark.timeout(900)  # four fine-tuning runs, two at a time, each starting its data streams
 def test_four_trial_search_stops_early_tracks_every_trial_and_registers_the_best(ray_local, tmp_path, capsys):
     tune_job = load_job("tune")
-    # The paper's learning rate and one 1000 times too large, at ranks 1 and 2, on the whole
-    # attention projection and the MLP input (where the large rate raises held-out loss within
-    # 6 steps and the paper's lowers it). Tune's grid runs the trials in order (lr varies
-    # fastest), two at a time, so the last too-large trial always meets ASHA's rung at step 6
-    # after a good one: it trails and is stopped.
+    # The paper's learning rate and one a million times too small, at ranks 1 and 2. On the tiny
+    # base the paper's rate lowers the held-out loss by about 1e-3 within 6 steps and the tiny one
+    # leaves it at the base's (a rate 1000 times too large moves it by no more than that either
+    # way, so it is no reliable loser). Tune's grid runs the trials in order (lr varies fastest),
+    # two at a time, so when the last trial, (2, tiny), meets ASHA's rung at step 6, at least two
+    # trials have left it and at least one of them is a paper-rate one: the median it must beat
+    # is a paper-rate loss, and it is stopped whichever trial reached the rung first.
     overrides = search_overrides(tmp_path, **{
-        "search.lr_grid": "[1,1000]", "search.grace_period_steps": 6, "adapter.targets": "[c_attn,c_fc]"})
+        "search.lr_grid": "[1,1e-6]", "search.grace_period_steps": 6, "adapter.targets": "[c_attn,c_fc]"})
     cfg = load_config(SearchJobConfig, None, overrides)
     assert tune_job.main(overrides) == 0
     printed = capsys.readouterr().out
@@ -239,10 +241,18 @@ def test_four_trial_search_stops_early_tracks_every_trial_and_registers_the_best
     children = children_of(client, parent.info.run_id)
     assert len(children) == 4
     statuses = {c.data.tags["flora.trial_status"]: c.info.status for c in children}
-    assert statuses == {"finished": "FINISHED", "stopped_early": "KILLED"}  # no run left RUNNING
+    at_rung = {
+        (c.data.params["search.rank"], c.data.params["search.lr_factor"]): (
+            c.data.tags["flora.trial_status"], c.info.start_time,
+            [(m.step, m.timestamp, round(m.value, 4)) for m in client.get_metric_history(c.info.run_id, "eval_loss/mean")],
+        )
+        for c in children
+    }
+    assert statuses == {"finished": "FINISHED", "stopped_early": "KILLED"}, at_rung  # no run left RUNNING
     finished = [c for c in children if c.data.tags["flora.trial_status"] == "finished"]
     stopped = [c for c in children if c.data.tags["flora.trial_status"] == "stopped_early"]
     assert finished and stopped
+    assert at_rung[("2", "1e-06")][0] == "stopped_early", at_rung
 
     for child in children:
         params = child.data.params
