@@ -36,6 +36,7 @@ class Outcome:
     latency_s: float
     completion_tokens: int = 0
     error: str = ""
+    sent_s: float = 0.0  # when it was sent, seconds after the load began
 
 
 @dataclass
@@ -115,7 +116,8 @@ def run_load(
         started = time.monotonic()
         status, answer = send_completion(url, body, api_key=api_key, timeout_s=timeout_s)
         tokens = answer["usage"]["completion_tokens"] if status == 200 and isinstance(answer, dict) else 0
-        outcome = Outcome(model, status, time.monotonic() - started, tokens, "" if status == 200 else str(answer)[:300])
+        outcome = Outcome(model, status, time.monotonic() - started, tokens, "" if status == 200 else str(answer)[:300],
+                          sent_s=started - start)
         with lock:
             report.outcomes.append(outcome)
 
