@@ -62,12 +62,21 @@ def test_two_worker_run_logs_registers_and_serves(ray_local, tmp_path):
     assert client.get_run(out["run_id"]).data.metrics["resumed_from_step"] == 12  # the attempt's, in MLflow too
     assert finished["metrics"]["eval_loss/mean"] == metrics["eval_loss/mean"]
     assert [m.step for m in client.get_metric_history(out["run_id"], "train_loss")] == [3, 6, 9, 12]
+    assert sorted(int(v.version) for v in client.search_model_versions("name='flora-python'")) == [1, 2]
 
-    # The same command again after the run finished: a new run that trains anew (it does not
-    # resume the finished run's last checkpoint) and registers new versions.
-    again = finetune.run(cfg)
-    assert again["run_id"] != out["run_id"] and again["metrics"]["resumed_from_step"] == 0
-    assert sorted(int(v.version) for v in client.search_model_versions("name='flora-python'")) == [1, 2, 3]
+
+def test_a_finished_run_submitted_again_trains_anew_in_its_own_directory(tmp_path):
+    """The same command after a finished run opens a new MLflow run, and Ray Train's directory is
+    named by it, so the new run does not resume (and register again) the finished run's last
+    checkpoint."""
+    finetune = load_job("finetune")
+    cfg = load_config(FinetuneConfig, None, tiny_job_overrides(tmp_path))
+    params = {"adapter.rank": 4}
+    first = tracking.start_or_resume_run(cfg.tracking_uri, "exp", cfg.run.name, params, tags={})
+    tracking.finish_run(cfg.tracking_uri, first, ok=True)
+    again = tracking.start_or_resume_run(cfg.tracking_uri, "exp", cfg.run.name, params, tags={})
+    assert again != first
+    assert finetune.train_run_name(cfg, again) != finetune.train_run_name(cfg, first)
 
 
 def test_unfinished_run_continues_only_with_the_same_settings(tmp_path):
@@ -117,12 +126,12 @@ def test_killed_worker_resumes_exactly_where_it_stopped(ray_local, tmp_path):
     """A run whose worker is killed mid-way ends where an uninterrupted run ends: the same
     adapters, bit for bit, and the same loss at every step, each logged to MLflow once.
 
-    Checkpoints every 7 steps, evaluations every 40, the loss logged every step: a checkpoint
+    Checkpoints every 7 steps, evaluations every 20, the loss logged every step: a checkpoint
     falls between evaluations and log steps alike, and the killed run has logged steps past its
     last checkpoint that the resumed one redoes."""
     finetune = load_job("finetune")
     settings = {
-        "train.steps": 120, "train.eval_interval": 40, "train.checkpoint_interval": 7, "train.log_interval": 1,
+        "train.steps": 60, "train.eval_interval": 20, "train.checkpoint_interval": 7, "train.log_interval": 1,
         "model.embedded.cache_dir": str(tmp_path.parent / "base-cache"),  # the module's shared base
     }
     ref_cfg = load_config(FinetuneConfig, None, tiny_job_overrides(tmp_path / "reference", **settings))
@@ -145,7 +154,7 @@ def test_killed_worker_resumes_exactly_where_it_stopped(ray_local, tmp_path):
     # finished the schedule.
     resumed_from = out["metrics"]["resumed_from_step"]
     assert resumed_from >= 7 and resumed_from % 7 == 0, resumed_from
-    assert out["metrics"]["step"] == 120
+    assert out["metrics"]["step"] == 60
     assert tracking.client_for(cfg.tracking_uri).get_run(out["run_id"]).info.status == "FINISHED"
 
     # Exact on CPU: the same data stream, optimizer moments, lr schedule, RNG and loss window.
@@ -158,7 +167,7 @@ def test_killed_worker_resumes_exactly_where_it_stopped(ray_local, tmp_path):
     assert out["metrics"]["eval_loss/mean"] == reference["metrics"]["eval_loss/mean"]
     for key in ("train_loss", "train_loss/python", "lr"):
         history = _history(cfg, out["run_id"], key)
-        assert [step for step, _ in history] == list(range(1, 121)), key  # each step once
+        assert [step for step, _ in history] == list(range(1, 61)), key  # each step once
         assert history == _history(ref_cfg, reference["run_id"], key), key
     eval_steps = [step for step, _ in _history(cfg, out["run_id"], "eval_loss/mean")]
-    assert eval_steps == [40, 80, 120]
+    assert eval_steps == [20, 40, 60]
