@@ -418,16 +418,22 @@ def may_hold(path: Path, languages: set[str]) -> bool:
     return held is None or bool(held & languages)
 
 
-def _iter_files_records(files: list[Path]) -> Iterator[tuple[str, str]]:
-    """(lang, content) rows of parquet and jsonl files, in file order."""
+def open_stack_parquet(path):
+    """A parquet file of The Stack's layout (`content` and `lang` columns), or a ValueError naming what it lacks."""
     import pyarrow.parquet as pq  # only needed for this source
 
+    parquet = pq.ParquetFile(path)
+    missing = {"content", "lang"} - set(parquet.schema_arrow.names)
+    if missing:
+        raise ValueError(f"source file {path} lacks column(s) {sorted(missing)}; The Stack layout needs `content` and `lang`")
+    return parquet
+
+
+def _iter_files_records(files: list[Path]) -> Iterator[tuple[str, str]]:
+    """(lang, content) rows of parquet and jsonl files, in file order."""
     for path in files:
         if path.suffix == ".parquet":
-            parquet = pq.ParquetFile(path)
-            missing = {"content", "lang"} - set(parquet.schema_arrow.names)
-            if missing:
-                raise ValueError(f"source file {path} lacks column(s) {sorted(missing)}; The Stack layout needs `content` and `lang`")
+            parquet = open_stack_parquet(path)
             for batch in parquet.iter_batches(columns=["lang", "content"], batch_size=1024):
                 yield from zip(batch.column("lang").to_pylist(), batch.column("content").to_pylist())
         else:

@@ -68,15 +68,10 @@ def record_units(files: list[Path]) -> list[dict]:
 def read_records(batch, lang: str, max_file_bytes: int):
     """The documents of `lang` in a batch of row groups / jsonl files, DOCS_PER_TASK rows at a time."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     for path, group in zip(batch.column("path").to_pylist(), batch.column("row_group").to_pylist()):
         if group >= 0:
-            parquet = pq.ParquetFile(path)
-            missing = {"content", "lang"} - set(parquet.schema_arrow.names)
-            if missing:
-                raise ValueError(f"source file {path} lacks column(s) {sorted(missing)}; The Stack layout needs `content` and `lang`")
-            table = parquet.read_row_group(group, columns=["lang", "content"])
+            table = data.open_stack_parquet(path).read_row_group(group, columns=["lang", "content"])
             for start in range(0, table.num_rows, DOCS_PER_TASK):
                 yield keep_language(table.slice(start, DOCS_PER_TASK), lang, max_file_bytes)
             continue

@@ -241,24 +241,26 @@ def test_four_trial_search_stops_early_tracks_every_trial_and_registers_the_best
     children = children_of(client, parent.info.run_id)
     assert len(children) == 4
     statuses = {c.data.tags["flora.trial_status"]: c.info.status for c in children}
-    at_rung = {
+    eval_losses = {c.info.run_id: client.get_metric_history(c.info.run_id, "eval_loss/mean") for c in children}
+    # (rank, lr factor) -> status, start time and held-out losses: what ASHA saw, shown on failure.
+    trials = {
         (c.data.params["search.rank"], c.data.params["search.lr_factor"]): (
             c.data.tags["flora.trial_status"], c.info.start_time,
-            [(m.step, m.timestamp, round(m.value, 4)) for m in client.get_metric_history(c.info.run_id, "eval_loss/mean")],
+            [(m.step, m.timestamp, round(m.value, 4)) for m in eval_losses[c.info.run_id]],
         )
         for c in children
     }
-    assert statuses == {"finished": "FINISHED", "stopped_early": "KILLED"}, at_rung  # no run left RUNNING
+    assert statuses == {"finished": "FINISHED", "stopped_early": "KILLED"}, trials  # no run left RUNNING
     finished = [c for c in children if c.data.tags["flora.trial_status"] == "finished"]
     stopped = [c for c in children if c.data.tags["flora.trial_status"] == "stopped_early"]
     assert finished and stopped
-    assert at_rung[("2", "1e-06")][0] == "stopped_early", at_rung
+    assert trials[("2", "1e-06")][0] == "stopped_early", trials
 
     for child in children:
         params = child.data.params
         assert math.isclose(float(params["train.lr"]), PAPER_LR["flora"] * float(params["search.lr_factor"]))
         assert params["adapter.rank"] == params["search.rank"] and params["adapter.rank"] in ("1", "2")
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "eval_loss/mean")]
+        steps = [m.step for m in eval_losses[child.info.run_id]]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "adapters")}
         if child in finished:
             assert steps == [6, 12] and artifacts == {"adapters/python", "adapters/c"}
