@@ -418,7 +418,7 @@ def may_hold(path: Path, languages: set[str]) -> bool:
     return held is None or bool(held & languages)
 
 
-def open_stack_parquet(path):
+def open_stack_parquet(path: Path | str):
     """A parquet file of The Stack's layout (`content` and `lang` columns), or a ValueError naming what it lacks."""
     import pyarrow.parquet as pq  # only needed for this source
 

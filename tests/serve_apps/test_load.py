@@ -72,12 +72,12 @@ def test_a_replica_killed_mid_load_is_replaced_and_no_request_hangs(load_endpoin
     wait_for(lambda: _running_replicas() == 2, 60, "two running replicas")
     pids = wait_for(lambda: (lambda s: s if len(s) == 2 else None)(_replicas(load_endpoint)), 30, "both replicas to answer")
     victim = sorted(pids)[0]
+    killed_at_s = 1.5
 
     def kill_soon():
         time.sleep(killed_at_s)
         os.kill(victim, signal.SIGKILL)  # a replica process of the cluster this test started
 
-    killed_at_s = 1.5
     killer = threading.Thread(target=kill_soon, daemon=True)
     killer.start()
     # Longer answers than above, so that requests are running on the replica when it dies.
